@@ -240,8 +240,9 @@ def load_source(cfg: Config):
             return datasets.load_from_disk(str(path))
         if path.is_dir():
             return datasets.load_dataset("imagefolder", data_dir=str(path))
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load {cfg.dataset}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # no image files, an empty split folder, a damaged arrow file, ...
+        raise UsageError(f"cannot load {cfg.dataset}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0]}") from None
     if path.exists():
         raise UsageError(f"--dataset {cfg.dataset} is a file; pass a folder of class subfolders, "
                          "a save_to_disk directory, a Hub id or 'digits'")
@@ -797,6 +798,7 @@ def train(cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, da
         bar = tqdm(epoch_loader, total=batches, initial=state.batch, disable=not interactive,
                    desc=f"epoch {state.epoch + 1}/{cfg.epochs}", leave=False)
         t_epoch = t_log = time.perf_counter()
+        steps_since_log = 0
         for batch in bar:
             images, labels = data.train.batch(batch)
             aug.manual_seed(hash((cfg.seed, state.epoch, state.batch, rank)) % 2**62)
@@ -836,14 +838,16 @@ def train(cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, da
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
+            steps_since_log += 1
             bad_loss.zero_()
             end_of_epoch = state.batch == batches
             checkpoint = end_of_epoch or stopping or (
                 cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0)
             if state.step % log_every == 0 and not end_of_epoch:
                 loss_sum, correct, count = accelerator.reduce(sums, "sum").tolist()
-                rate = images_per_step * log_every / (time.perf_counter() - t_log)
-                t_log, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+                rate = images_per_step * steps_since_log / (time.perf_counter() - t_log)
+                t_log, steps_since_log = time.perf_counter(), 0
+                lr = optimizer.param_groups[0]["lr"]
                 log("train", state, loss=loss_sum / count, acc=correct / count, lr=lr,
                     images_per_s=round(rate, 1))
                 if interactive:
