@@ -788,9 +788,12 @@ def train(cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, da
 
     while state.epoch < cfg.epochs:
         model.train()
-        data.sampler.set_epoch(state.epoch)
         epoch_loader = accelerator.skip_first_batches(loader, state.batch) if state.batch \
             else loader
+        # A prepared loader sets its sampler's epoch from its own pass counter, which starts
+        # at 0 in a resumed process (and in the loader skip_first_batches makes): set both.
+        epoch_loader.set_epoch(state.epoch)
+        data.sampler.set_epoch(state.epoch)
         # Global sums restored on the main process only: the reduce below adds the others.
         sums = torch.tensor(state.epoch_sums if accelerator.is_main_process else [0.0] * 3,
                             dtype=torch.float64, device=accelerator.device)
