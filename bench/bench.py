@@ -1,0 +1,151 @@
+"""Input-pipeline benchmark: train.py in memory mode (a) and stream mode (b) against a bare
+PyTorch loop over preloaded tensors (c): same model, data, batch size and epochs, each in its
+own process, in one invocation. Prints training time, images/s, peak memory and the ratios
+a/c and b/c; then the whole default `python train.py` (imports included).
+
+    python bench/bench.py                      # both cases, CPU or whatever device is there
+    python bench/bench.py --case cnn --repeats 3
+    python bench/bench.py --mixed_precision bf16 [--compile]     # on a GPU
+
+Not a test: timings on shared machines are noisy, so it reports, it does not assert.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = {  # name: (train.py flags, epochs)
+    "cnn": (["--model", "cnn"], 8),
+    "resnet18": (["--model", "resnet18", "--image_size", "32"], 2),
+}
+
+
+def bare_loop(model_name: str, image_size: int, epochs: int, batch_size: int,
+              mixed_precision: str, compile_model: bool) -> dict:
+    """The limit for this model here: preloaded normalized tensors, no loader, no augmentation."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    import torch.nn.functional as F
+    import train
+    cfg = train.Config(model=model_name, image_size=image_size, data_mode="memory")
+    train.PartialState(cpu=not torch.cuda.is_available())
+    acc = train.Accelerator(cpu=not torch.cuda.is_available())
+    data = train.build_data(cfg, acc, model_name)
+    device = acc.device
+    x = train.to_input(data.train.images, data.meta, False)
+    y = data.train.labels
+    torch.manual_seed(0)
+    model = train.build_model(data.meta).to(device)
+    if compile_model:
+        model = torch.compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    train_time, n = 0.0, len(x)
+    for epoch in range(epochs):
+        perm = torch.randperm(n, device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.train()
+        for i in range(0, n - batch_size + 1, batch_size):
+            idx = perm[i:i + batch_size]
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_time += time.perf_counter() - t0
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        xv = train.to_input(data.val.images, data.meta, False)
+        val_acc = (model(xv).argmax(1) == data.val.labels).float().mean().item()
+    steps = epochs * (n // batch_size)
+    return {"train_time_s": train_time, "images_per_s": steps * batch_size / train_time,
+            "val_acc": val_acc, "peak_rss_mb": resource.getrusage(
+                resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_train_py(flags: list[str], out: Path) -> dict:
+    cmd = [sys.executable, str(ROOT / "train.py"), *flags, "--output_dir", str(out),
+           "--overwrite", "--keep_checkpoints", "1"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"train.py failed:\n{proc.stderr[-3000:]}")
+    res = json.loads((out / "results.json").read_text())
+    peak_child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {**res, "process_wall_s": wall, "peak_rss_children_mb": peak_child}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--case", choices=[*CASES, "all"], default="all")
+    p.add_argument("--repeats", type=int, default=3, help="best of N runs per variant")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="no")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--bare", help=argparse.SUPPRESS)  # internal: run the bare loop, print JSON
+    args = p.parse_args()
+    if args.bare:
+        name, size, epochs = args.bare.split(",")
+        print(json.dumps(bare_loop(name, int(size), int(epochs), args.batch_size,
+                                   args.mixed_precision, args.compile)))
+        return
+    import torch
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__}, "
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
+          f"batch {args.batch_size}, mixed precision {args.mixed_precision}, "
+          f"compile {args.compile}, best of {args.repeats}")
+    extra = ["--mixed_precision", args.mixed_precision] + (["--compile"] if args.compile else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in CASES if args.case == "all" else [args.case]:
+            flags, epochs = CASES[case]
+            size = flags[flags.index("--image_size") + 1] if "--image_size" in flags else "0"
+            common = flags + ["--epochs", str(epochs), "--batch_size", str(args.batch_size)]
+            bare_cmd = [sys.executable, __file__, "--bare", f"{flags[1]},{size},{epochs}",
+                        "--batch_size", str(args.batch_size),
+                        "--mixed_precision", args.mixed_precision] + \
+                (["--compile"] if args.compile else [])
+            runs = {"a memory": [], "b stream": [], "c bare": []}
+            for _ in range(args.repeats):  # interleaved, so that drifting load hits all alike
+                for label, mode in (("a memory", "memory"), ("b stream", "stream")):
+                    runs[label].append(run_train_py(common + extra + ["--data_mode", mode],
+                                                    Path(tmp) / label))
+                out = subprocess.run(bare_cmd, capture_output=True, text=True, cwd=ROOT)
+                if out.returncode != 0:
+                    raise SystemExit(out.stderr[-3000:])
+                runs["c bare"].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows = {k: min(v, key=lambda r: r["train_time_s"]) for k, v in runs.items()}
+            base = rows["c bare"]["train_time_s"]
+            print(f"\ncase {case}: {epochs} epochs")
+            print(f"  {'variant':10} {'train s':>8} {'img/s':>8} {'peak MB':>8} {'val acc':>8}"
+                  f" {'ratio':>6}")
+            for label, r in rows.items():
+                print(f"  {label:10} {r['train_time_s']:8.2f} {r['images_per_s']:8.0f} "
+                      f"{r['peak_rss_mb']:8.0f} {r['val_acc']:8.2%} "
+                      f"{r['train_time_s'] / base:6.2f}")
+            print(f"  ratios: a/c = {rows['a memory']['train_time_s'] / base:.2f} "
+                  f"(target <= 1.15), b/c = {rows['b stream']['train_time_s'] / base:.2f}")
+        if args.case in ("all", "cnn"):
+            default = [run_train_py([], Path(tmp) / "default") for _ in range(args.repeats)]
+            best = min(default, key=lambda r: r["process_wall_s"])
+            print(f"\ndefault `python train.py`: whole process {best['process_wall_s']:.1f} s "
+                  f"(target <= 12), peak RSS {best['peak_rss_mb']:.0f} MB (target < 1500), "
+                  f"val acc {best['val_acc']:.2%}")
+
+
+if __name__ == "__main__":
+    main()

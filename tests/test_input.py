@@ -1,0 +1,68 @@
+"""Fast by default (issue 5): two input paths with one meaning, the speed knobs, and the
+numbers that results.json reports."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import train
+from conftest import assert_same_weights, results, run_main
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_memory_and_stream_train_the_same_model(tmp_path, capsys, seed):
+    common = ["--epochs", 3, "--seed", seed, "--keep_checkpoints", 1]
+    assert run_main(*common, "--data_mode", "memory", "--output_dir", tmp_path / "m") == 0
+    assert run_main(*common, "--data_mode", "stream", "--num_workers", 1,
+                    "--output_dir", tmp_path / "s") == 0
+    m, s = results(tmp_path / "m"), results(tmp_path / "s")
+    assert m["data_mode"] == "memory" and s["data_mode"] == "stream"
+    # Same decoded bytes, same order, same augmentation on the device: the same model.
+    assert_same_weights(tmp_path / "m", tmp_path / "s")
+    assert m["val_acc"] == s["val_acc"] and m["val_acc"] > 0.9
+
+
+def test_auto_mode_follows_the_memory_budget(tmp_path, capsys):
+    assert run_main("--epochs", 1, "--output_dir", tmp_path / "a") == 0
+    assert "data: memory mode" in capsys.readouterr().out
+    assert run_main("--epochs", 1, "--memory_budget_gb", 1e-5, "--num_workers", 0,
+                    "--output_dir", tmp_path / "b") == 0
+    assert "data: stream mode" in capsys.readouterr().out
+    assert results(tmp_path / "b")["data_mode"] == "stream"
+
+
+def test_batch_augmentation_crops_and_flips_per_image():
+    images = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4).repeat(50, 1, 1, 1)
+    out = train.augment(images, 1, True, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert len({tuple(o.flatten().tolist()) for o in out}) > 10  # different per image
+    flipped = train.augment(images, 0, True, torch.Generator().manual_seed(0))
+    assert all(torch.equal(f, i) or torch.equal(f, i.flip(2)) for f, i in zip(flipped, images))
+    assert torch.equal(train.augment(images, 0, False, torch.Generator()), images)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--channels_last"],
+    ["--mixed_precision", "bf16"],
+    ["--num_workers", 2, "--data_mode", "stream"],
+    ["--compile"],
+], ids=lambda f: " ".join(map(str, f)))
+def test_speed_knobs_run_on_cpu(tmp_path, flags):
+    assert run_main("--epochs", 1, *flags, "--output_dir", tmp_path) == 0
+    res = results(tmp_path)
+    assert res["val_acc"] > 0.2 and res["steps"] == 22
+    config = json.loads((tmp_path / "config.json").read_text())
+    if "bf16" in flags:
+        assert config["mixed_precision"] == "bf16"
+
+
+def test_throughput_and_memory_are_reported(tmp_path):
+    assert run_main("--epochs", 2, "--output_dir", tmp_path) == 0
+    res = results(tmp_path)
+    assert res["images_per_s"] > 0 and res["images_per_s_per_process"] == res["images_per_s"]
+    assert 100 < res["peak_rss_mb"] < 1500
+    assert res["train_time_s"] < res["wall_time_s"]
+    # images/s is what the steps processed in the training time
+    assert res["images_per_s"] == pytest.approx(2 * 22 * 64 / res["train_time_s"], rel=0.01)
