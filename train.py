@@ -60,6 +60,12 @@ from tqdm.auto import tqdm
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 75
 
 
+def print0(accelerator: Accelerator, *values) -> None:
+    """Print once per job: accelerator.print prints once per node."""
+    if accelerator.is_main_process:
+        print(*values, flush=True)
+
+
 class UsageError(Exception):
     """An expected mistake in the command line or the data: reported in one line, exit 2."""
 
@@ -420,7 +426,7 @@ def build_data(cfg: Config, accelerator: Accelerator, model: str, meta: dict | N
     data_mode = cfg.data_mode
     if data_mode == "auto":
         data_mode = "memory" if decoded_gb <= cfg.memory_budget_gb else "stream"
-        accelerator.print(f"data: {data_mode} mode ({decoded_gb:.3f} GB decoded, budget "
+        print0(accelerator, f"data: {data_mode} mode ({decoded_gb:.3f} GB decoded, budget "
                           f"{cfg.memory_budget_gb} GB)")
     # Loader iterators draw their base seed from `generator`; a private one keeps the global
     # RNG (dropout) independent of how many loaders were started, so resumes stay bit-exact.
@@ -653,7 +659,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, identity: dict, accelerator: Acc
             old = json.loads((run_dir / "config.json").read_text()).get("identity", {})
         except ValueError:
             old = {"unreadable": True}
-    resume = None if cfg.overwrite else pick_checkpoint(cfg, run_dir, accelerator.print)
+    resume = None if cfg.overwrite else pick_checkpoint(cfg, run_dir, lambda m: print0(accelerator, m))
     if resume is None and cfg.resume not in ("auto", "none"):
         return None  # unreachable: pick_checkpoint raised
     if resume is not None:
@@ -862,7 +868,7 @@ def train(cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, da
                 if interactive:
                     bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.2%}")
                 else:
-                    accelerator.print(f"epoch {state.epoch + 1} step {state.step}/{total_steps}"
+                    print0(accelerator, f"epoch {state.epoch + 1} step {state.step}/{total_steps}"
                                       f"  loss {loss_sum / count:.4f} acc {correct / count:.2%}"
                                       f"  lr {lr:.4g}  {rate:.0f} img/s")
             if end_of_epoch:
@@ -875,7 +881,7 @@ def train(cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, da
                 path = save_checkpoint(accelerator, run_dir, state, identity,
                                        cfg.keep_checkpoints)
             if stopping:
-                accelerator.print(f"stopped by {stop.signal or 'a signal to another process'} "
+                print0(accelerator, f"stopped by {stop.signal or 'a signal to another process'} "
                                   f"at step {state.step}: saved {path}; exit {EXIT_PREEMPTED}, "
                                   "the same command resumes")
                 return EXIT_PREEMPTED
@@ -899,7 +905,7 @@ def finish_epoch(cfg: Config, accelerator: Accelerator, model: nn.Module, data: 
     state.best_val_acc = max(state.best_val_acc, metrics["val_acc"])
     state.last_metrics = metrics
     log("eval", state, **metrics)
-    accelerator.print(
+    print0(accelerator, 
         f"epoch {state.epoch}/{cfg.epochs}  train loss {metrics['train_loss']:.4f} "
         f"acc {metrics['train_acc']:.2%}  val loss {metrics['val_loss']:.4f} "
         f"acc {metrics['val_acc']:.2%}  {epoch_time:.2f}s  {rate:.0f} img/s "
@@ -943,7 +949,7 @@ def run_training(cfg: Config, accelerator: Accelerator, run_dir: Path, t_start: 
     if resume is not None:
         accelerator.load_state(str(resume))
         state = LoopState(**json.loads((resume / "loop_state.json").read_text())["loop"])
-        accelerator.print(f"resumed from {resume} (epoch {state.epoch + 1}, batch {state.batch}"
+        print0(accelerator, f"resumed from {resume} (epoch {state.epoch + 1}, batch {state.batch}"
                           f", step {state.step})")
     hosts = gather_object([os.uname().nodename])
     effective = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
@@ -954,7 +960,7 @@ def run_training(cfg: Config, accelerator: Accelerator, run_dir: Path, t_start: 
             "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
             "data_mode": data.mode, "effective_batch_size": effective,
             "torch_threads": torch.get_num_threads(), "resumed_from": str(resume or "") or None})
-    accelerator.print(
+    print0(accelerator, 
         f"{accelerator.num_processes} process(es) on {accelerator.device.type}, mixed precision "
         f"{accelerator.mixed_precision}; effective batch {effective} = {cfg.batch_size} x "
         f"{accelerator.num_processes} process(es) x {cfg.gradient_accumulation_steps} "
@@ -990,7 +996,7 @@ def run_training(cfg: Config, accelerator: Accelerator, run_dir: Path, t_start: 
     if accelerator.is_main_process:
         save_weights(accelerator.unwrap_model(model), run_dir / "model.safetensors", meta)
         write_json(run_dir / "results.json", results)
-    accelerator.print(f"done: val acc {results['val_acc']:.2%}, {state.step} steps, "
+    print0(accelerator, f"done: val acc {results['val_acc']:.2%}, {state.step} steps, "
                       f"{results['wall_time_s']:.1f}s; wrote {run_dir}")
     return EXIT_OK
 
@@ -1024,7 +1030,7 @@ def run_eval_only(cfg: Config, given: set[str], accelerator: Accelerator, run_di
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "results.json", results)
-    accelerator.print(f"eval: val loss {metrics['val_loss']:.4f} acc {metrics['val_acc']:.2%} "
+    print0(accelerator, f"eval: val loss {metrics['val_loss']:.4f} acc {metrics['val_acc']:.2%} "
                       f"on {metrics['val_count']} images; wrote {run_dir / 'results.json'}")
     accelerator.end_training()
     return EXIT_OK
