@@ -659,9 +659,8 @@ def prepare_run_dir(cfg: Config, run_dir: Path, identity: dict, accelerator: Acc
             old = json.loads((run_dir / "config.json").read_text()).get("identity", {})
         except ValueError:
             old = {"unreadable": True}
-    resume = None if cfg.overwrite else pick_checkpoint(cfg, run_dir, lambda m: print0(accelerator, m))
-    if resume is None and cfg.resume not in ("auto", "none"):
-        return None  # unreachable: pick_checkpoint raised
+    say = lambda message: print0(accelerator, message)  # noqa: E731
+    resume = None if cfg.overwrite else pick_checkpoint(cfg, run_dir, say)
     if resume is not None:
         saved = json.loads((resume / "loop_state.json").read_text())["identity"]
         diff = [k for k in RUN_IDENTITY if saved.get(k) != identity.get(k)]
@@ -975,17 +974,22 @@ def run_training(cfg: Config, accelerator: Accelerator, run_dir: Path, t_start: 
     try:
         code = train(cfg, accelerator, model, optimizer, data, state, run_dir, identity, log,
                      stop)
+        if code == EXIT_OK:
+            write_results(cfg, accelerator, model, data, state, run_dir, meta,
+                          time.perf_counter() - t_start, resume)
+        return code
     finally:
         stop.restore()
-        accelerator.end_training()
-    if code != EXIT_OK:
-        return code
-    rss, dev = peak_memory_mb(accelerator) if accelerator.num_processes == 1 else \
-        (state.last_metrics.get("peak_rss_mb"), state.last_metrics.get("peak_device_mb"))
+        accelerator.end_training()  # trackers closed, process group destroyed
+
+
+def write_results(cfg: Config, accelerator: Accelerator, model: nn.Module, data: Data,
+                  state: LoopState, run_dir: Path, meta: dict, wall_time: float,
+                  resume: Path | None) -> None:
+    rss, dev = peak_memory_mb(accelerator)
     images = cfg.epochs * len(data.train.loader) * cfg.batch_size * accelerator.num_processes
     results = {**state.last_metrics, "steps": state.step, "epochs": cfg.epochs,
-               "wall_time_s": round(time.perf_counter() - t_start, 3),
-               "train_time_s": round(state.train_time_s, 3),
+               "wall_time_s": round(wall_time, 3), "train_time_s": round(state.train_time_s, 3),
                "images_per_s": round(images / state.train_time_s, 1),
                "images_per_s_per_process": round(
                    images / state.train_time_s / accelerator.num_processes, 1),
@@ -997,8 +1001,7 @@ def run_training(cfg: Config, accelerator: Accelerator, run_dir: Path, t_start: 
         save_weights(accelerator.unwrap_model(model), run_dir / "model.safetensors", meta)
         write_json(run_dir / "results.json", results)
     print0(accelerator, f"done: val acc {results['val_acc']:.2%}, {state.step} steps, "
-                      f"{results['wall_time_s']:.1f}s; wrote {run_dir}")
-    return EXIT_OK
+                        f"{wall_time:.1f}s; wrote {run_dir}")
 
 
 def tracker_config(cfg: Config) -> dict:
