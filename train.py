@@ -2,15 +2,15 @@
 many GPUs, many nodes, Slurm with preemption. One file; Hugging Face Accelerate owns devices,
 processes, mixed precision, accumulation and state; Hugging Face `datasets` owns loading.
 
-    python train.py                                    # laptop: built-in digits, ~99% in seconds
+    python train.py                           # laptop: built-in digits, ~99% in seconds
     python train.py --dataset ./my_images --model resnet18 --image_size 64
     accelerate launch --config_file accelerate_config.yaml train.py --dataset uoft-cs/cifar10
-    accelerate launch --multi_gpu --num_processes 2 train.py   # on a CPU-only box: 2 gloo processes
+    torchrun --nproc_per_node 2 train.py      # on a CPU-only machine: 2 gloo processes
     sbatch slurm/multi_node.sbatch --dataset /data/imagenette --epochs 30
     python train.py --eval_only --weights runs/x --output_dir runs/x-eval
 
-Evidence (2-core x86 CPU, no GPU): the default run reaches 99.2% validation accuracy on
-digits; 8 epochs train in ~1 s and the whole process takes ~9 s. README.md has the details.
+Evidence (2-core x86 CPU, no GPU): the default run reaches 99.4% validation accuracy on
+digits; its 8 epochs train in ~1 s, the whole process takes ~9 s. README.md has the details.
 
 A run directory holds config.json, metrics.jsonl, results.json, model.safetensors and
 checkpoints/step_XXXXXXXX/. Re-running the same command resumes from the newest complete
@@ -47,7 +47,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
-
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import (GradientAccumulationPlugin, TorchDynamoPlugin, broadcast_object_list,
                                gather_object)
@@ -83,12 +82,12 @@ def opt(default, help: str, choices: tuple | None = None):
 @dataclass
 class Config:
     # data
-    dataset: str = opt("digits", "'digits' (built in, offline), a Hub id, an image folder "
-                       "(class subfolders, optional train/ validation/ test/), or a save_to_disk dir")
+    dataset: str = opt("digits", "'digits' (built in, offline), a Hub id, an image folder (class "
+                       "subfolders, optional train/ validation/ test/), or a save_to_disk dir")
     dataset_config: str | None = opt(None, "Hub dataset configuration name")
     revision: str | None = opt(None, "Hub dataset revision: branch, tag or commit")
-    image_column: str | None = opt(None, "default: the column with the Image feature")
-    label_column: str | None = opt(None, "default: the column with the ClassLabel feature")
+    image_column: str | None = opt(None, "image column; None = the one with the Image feature")
+    label_column: str | None = opt(None, "label column; None = the one with the ClassLabel feature")
     val_fraction: float = opt(0.2, "held out, stratified, when the data has no validation split")
     image_size: int = opt(0, "square side in pixels; 0 = the first training image's height")
     data_mode: str = opt("auto", "memory: decode once, batches on the device; stream: loader "
@@ -100,7 +99,7 @@ class Config:
     hflip: str = opt("auto", "random horizontal flips; auto = on for RGB data, off for grayscale",
                      ("auto", "yes", "no"))
     # model
-    model: str = opt("cnn", "'cnn' (small, defined here) or a torchvision classifier: resnet18, ...")
+    model: str = opt("cnn", "'cnn' (small, defined here) or a torchvision classifier: resnet18")
     # optimization
     epochs: int = opt(8, "passes over the training data")
     batch_size: int = opt(64, "images per process per micro-batch (effective: x processes x accum)")
@@ -170,19 +169,23 @@ CHECKS = [  # (field, ok, requirement)
 ]
 
 
+GROUPS = {"dataset": "data", "model": "model", "epochs": "optimization",  # first field: title
+          "output_dir": "outputs and logging", "checkpoint_every": "checkpoints and preemption",
+          "seed": "system", "eval_only": "evaluation only"}
+
+
 def parse_config(argv: list[str] | None = None) -> tuple[Config, set[str]]:
     """Flags are generated from Config; returns the config and the names given explicitly."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     argument_default=argparse.SUPPRESS)
     for f in fields(Config):
-        kind = {"bool": None, "int": int, "float": float}.get(f.type, str)
-        if kind is None:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
-                                help=f.metadata["help"] + " (default: %s)" % f.default)
+        group = parser.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
+        text = f"{f.metadata['help']} (default: {f.default})"
+        if f.type == "bool":
+            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=text)
         else:
-            parser.add_argument(f"--{f.name}", type=kind, choices=f.metadata["choices"],
-                                help=f.metadata["help"] + " (default: %s)" % f.default)
+            group.add_argument(f"--{f.name}", type={"int": int, "float": float}.get(f.type, str),
+                               choices=f.metadata["choices"], help=text)
     given = vars(parser.parse_args(argv))
     cfg = Config(**given)
     for name, ok, requirement in CHECKS:
@@ -194,12 +197,10 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, set[str]]:
 
 
 def make_accelerator(cfg: Config, cpu: bool, run_dir: Path) -> Accelerator:
-    wanted = {"all": ["tensorboard", "wandb", "mlflow"], "none": []}.get(cfg.report_to,
-                                                                       [cfg.report_to])
-    missing = [t for t in wanted if t not in [str(a) for a in get_available_trackers()]]
-    if missing and cfg.report_to != "all":  # Accelerate would silently log nowhere
+    available = [str(t) for t in get_available_trackers()]
+    if cfg.report_to not in ("none", "all", *available):  # Accelerate would log nowhere
         raise UsageError(f"--report_to {cfg.report_to}: the package is not installed "
-                         f"(pip install {missing[0]})")
+                         f"(pip install {cfg.report_to})")
     try:
         accelerator = Accelerator(
             cpu=cpu, project_dir=str(run_dir),
@@ -303,24 +304,32 @@ def load_splits(cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset, str, s
     label_col = find_column(train, cfg.label_column, datasets.ClassLabel, "--label_column")
     if len(train) == 0 or (val is not None and len(val) == 0):
         raise UsageError(f"--dataset {cfg.dataset} has an empty split; add images to it")
-    splits = [train] if val is None else [train, val]
-    for i, s in enumerate(splits):
-        if label_col not in s.features or image_col not in s.features:
-            raise UsageError(f"the validation split lacks column {image_col} or {label_col}")
-        if not isinstance(s.features[label_col], datasets.ClassLabel):
-            s = s.class_encode_column(label_col)
-        splits[i] = s.cast_column(image_col, datasets.Image(decode=False))
+    if val is not None and not {image_col, label_col} <= set(val.features):
+        raise UsageError(f"the validation split lacks column {image_col} or {label_col}")
+    if not isinstance(train.features[label_col], datasets.ClassLabel):
+        both = datasets.DatasetDict({"train": train, **({"val": val} if val else {})})
+        both = both.class_encode_column(label_col)  # one mapping for every split
+        train, val = both["train"], both.get("val")
+    classes = train.features[label_col]
+    if val is not None and val.features[label_col] != classes:
+        if not isinstance(val.features[label_col], datasets.ClassLabel):
+            val = val.cast_column(label_col, classes)
+        try:  # same class names in another order or a subset: map them by name
+            val = val.align_labels_with_mapping(
+                {name: i for i, name in enumerate(classes.names)}, label_col)
+        except (KeyError, ValueError):
+            raise UsageError(f"validation classes {val.features[label_col].names} are not "
+                             f"among the training classes {classes.names}") from None
+    train = train.cast_column(image_col, datasets.Image(decode=False))
     if val is None:
         try:
-            parts = splits[0].train_test_split(test_size=cfg.val_fraction, seed=cfg.seed,
-                                               stratify_by_column=label_col)
+            parts = train.train_test_split(test_size=cfg.val_fraction, seed=cfg.seed,
+                                           stratify_by_column=label_col)
         except ValueError as e:
             raise UsageError(f"cannot hold out --val_fraction {cfg.val_fraction} of "
                              f"{len(train)} images: {e}") from None
-        splits = [parts["train"], parts["test"]]
-    train, val = splits
-    if train.features[label_col].names != val.features[label_col].names:
-        val = val.cast_column(label_col, train.features[label_col])
+        train, val = parts["train"], parts["test"]
+    val = val.cast_column(image_col, datasets.Image(decode=False))
     return train, val, image_col, label_col
 
 
@@ -564,8 +573,11 @@ def write_json(path: Path, obj) -> None:
 
 
 def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def checkpoint_ok(path: Path) -> tuple[bool, str]:
@@ -1041,6 +1053,8 @@ def run_eval_only(cfg: Config, given: set[str], accelerator: Accelerator, run_di
 
 def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
+    if not sys.stderr.isatty():
+        datasets.disable_progress_bars()  # they flood log files (Slurm, CI)
     try:
         cfg, given = parse_config(argv)
         # On a CPU-only machine under torchrun / `accelerate launch --multi_gpu`, a plain

@@ -53,6 +53,10 @@ class Cluster:
         return self
 
     def _network(self) -> None:
+        # Leftovers of an earlier test session that was killed (names are ours alone).
+        for ns in (f"trpy{node}" for node in NODES):
+            sh("ip", "netns", "del", ns, check=False)
+        sh("ip", "link", "del", BRIDGE, check=False)
         sh("ip", "link", "add", BRIDGE, "type", "bridge")
         self.links.append(BRIDGE)
         sh("ip", "addr", "add", f"{CONTROLLER_IP}/24", "dev", BRIDGE)

@@ -21,7 +21,6 @@ import pytest
 from conftest import ROOT, assert_same_weights, results, run_main
 from slurm_cluster import Cluster, missing_tools
 
-pytestmark = pytest.mark.xdist_group("slurm")  # one cluster, one test worker
 TEMPLATES = sorted((ROOT / "slurm").glob("*.sbatch")) + [ROOT / "slurm" / "lib.sh"]
 # Same flags for the uninterrupted and the preempted multi-node runs.
 MULTI = ["--epochs", 6, "--checkpoint_every", 4, "--log_every", 1]
@@ -41,6 +40,7 @@ def require(*tools: str) -> None:
         pytest.skip(reason)
 
 
+# One cluster for the whole module: `pytest -n 2 --dist loadfile` runs a file on one worker.
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     require(*missing_tools() or ["slurmctld"])

@@ -127,6 +127,31 @@ def test_data_sources_save_to_disk_with_named_columns(tmp_path, saved_dataset):
     assert meta["class_names"] == ["0", "1", "2"]
 
 
+def test_validation_classes_are_matched_by_name(tmp_path):
+    import datasets
+    from conftest import digit_images
+    items = digit_images(per_class=20, size=8)
+    names = ["zero", "one", "two"]
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    train_ds = datasets.Dataset.from_dict({"image": [i for i, _ in items],
+                                           "label": [c for _, c in items]}, features=feats)
+    # the validation split lists its classes in another order and lacks "one"
+    val_items = [(i, c) for i, c in items if c != 1][::2]
+    val_feats = datasets.Features({"image": datasets.Image(),
+                                   "label": datasets.ClassLabel(names=["two", "zero"])})
+    val_ds = datasets.Dataset.from_dict(
+        {"image": [i for i, _ in val_items],
+         "label": [{0: 1, 2: 0}[c] for _, c in val_items]}, features=val_feats)
+    path = tmp_path / "ds"
+    datasets.DatasetDict({"train": train_ds, "validation": val_ds}).save_to_disk(str(path))
+    train_split, val_split, _, label = train.load_splits(train.Config(dataset=str(path)))
+    assert val_split.features[label].names == names
+    assert val_split[label] == [c for _, c in val_items]  # "zero" -> 0, "two" -> 2
+    assert run_main("--dataset", path, "--epochs", 6, "--batch_size", 8, "--lr", 0.02,
+                    "--output_dir", tmp_path / "r") == 0
+    assert results(tmp_path / "r")["val_acc"] > 0.8
+
+
 def test_optimizer_schedule_and_options(tmp_path):
     assert run_main("--epochs", 2, "--optimizer", "adamw", "--lr", 0.003, "--weight_decay", 0.05,
                     "--label_smoothing", 0.1, "--schedule", "onecycle", "--max_grad_norm", 1.0,
