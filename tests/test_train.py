@@ -132,7 +132,8 @@ def test_validation_classes_are_matched_by_name(tmp_path):
     from conftest import digit_images
     items = digit_images(per_class=20, size=8)
     names = ["zero", "one", "two"]
-    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    feats = datasets.Features({"image": datasets.Image(),
+                              "label": datasets.ClassLabel(names=names)})
     train_ds = datasets.Dataset.from_dict({"image": [i for i, _ in items],
                                            "label": [c for _, c in items]}, features=feats)
     # the validation split lists its classes in another order and lacks "one"
