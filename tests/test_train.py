@@ -206,6 +206,8 @@ BAD_INPUTS = [
     (["--batch_size", "5000"], "lower --batch_size"),
     (["--stop_signals", "USR9"], "unknown signal"),
     (["--eval_only"], "--eval_only needs --weights"),
+    (["--report_to", "wandb"], "pip install wandb"),
+    (["--val_fraction", "1.5"], "--val_fraction must be between 0 and 1"),
 ]
 
 
@@ -269,3 +271,21 @@ def test_import_is_cheap_and_side_effect_free(tmp_path):
                          text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_progress_bar_on_a_terminal_plain_lines_otherwise(tmp_path):
+    """A tqdm bar with loss and accuracy when stderr is a terminal (here: a pseudo-terminal
+    made by `script`), periodic plain lines in a log file."""
+    import shlex
+    import subprocess
+    import sys
+    cmd = f"stty cols 120 rows 40; {shlex.quote(sys.executable)} {ROOT / 'train.py'} " \
+          f"--epochs 1 --output_dir {tmp_path / 'tty'}"  # tqdm draws nothing 0 columns wide
+    tty = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True,
+                         timeout=120)
+    assert tty.returncode == 0, tty.stdout[-2000:]
+    assert re.search(r"epoch 1/1: .*/22 \[.*it/s, acc=[\d.]+%, loss=[\d.]+\]", tty.stdout)
+    plain = run_cli("--epochs", 1, "--output_dir", tmp_path / "log")
+    assert plain.returncode == 0
+    assert re.search(r"^epoch 1 step 4/22  loss [\d.]+ acc [\d.]+%", plain.stdout, re.M)
+    assert "it/s" not in plain.stdout + plain.stderr
