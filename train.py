@@ -522,7 +522,18 @@ def build_model(meta: dict) -> nn.Module:
         close = difflib.get_close_matches(name, known + ["cnn"], n=3)
         raise UsageError(f"--model {name}: not 'cnn' or a torchvision classifier"
                          + (f"; did you mean {', '.join(close)}?" if close else ""))
-    return torchvision.models.get_model(name, weights=None, num_classes=meta["num_classes"])
+    # Auxiliary heads would make the training forward return a tuple instead of logits.
+    extra = {"aux_logits": False} if name in ("googlenet", "inception_v3") else {}
+    model = torchvision.models.get_model(name, weights=None, num_classes=meta["num_classes"],
+                                         **extra)
+    try:  # e.g. inception_v3 needs 75 px or more: say so now, not as a traceback mid-run
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, meta["channels"], *meta["image_size"]))
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--model {name} cannot take {meta['channels']}x{meta['image_size'][0]}"
+                         f"x{meta['image_size'][1]} images ({str(e).splitlines()[0]}); "
+                         "raise --image_size") from None
+    return model.train()
 
 
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -962,6 +973,12 @@ def run_training(cfg: Config, accelerator: Accelerator, run_dir: Path, t_start: 
         state = LoopState(**json.loads((resume / "loop_state.json").read_text())["loop"])
         print0(accelerator, f"resumed from {resume} (epoch {state.epoch + 1}, batch {state.batch}"
                           f", step {state.step})")
+        if (run_dir / "config.json").exists():
+            before = json.loads((run_dir / "config.json").read_text())["config"]
+            changed = [f"--{k} {before.get(k)} -> {v}" for k, v in asdict(cfg).items()
+                       if before.get(k) != v and k not in ("resume", "overwrite", "output_dir")]
+            if changed:
+                print0(accelerator, "note: changed since the run began: " + ", ".join(changed))
     hosts = gather_object([os.uname().nodename])
     effective = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
     if accelerator.is_main_process:

@@ -198,6 +198,7 @@ BAD_INPUTS = [
     (["--dataset", "/no/such/dir"], "no such directory"),
     (["--dataset", "someone/not-cached"], "HF_HUB_OFFLINE"),
     (["--model", "resnet19"], "did you mean resnet18"),
+    (["--model", "inception_v3"], "raise --image_size"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--lr", "0"], "--lr must be > 0"),
