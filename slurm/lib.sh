@@ -19,8 +19,10 @@ launch() {
        "run directory $run_dir"
 
   # One process per task; ranks come from Slurm, the GPU from LOCAL_RANK (Accelerate).
+  # Not --kill-on-bad-exit: ranks leaving with 75 a moment apart would kill each other (the
+  # step then ends 143, not 75). --wait ends the others 2 min after the first exits instead.
   # shellcheck disable=SC2016  # expanded by each task, not here
-  srun --kill-on-bad-exit=1 bash -c '
+  srun --wait=120 bash -c '
     export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS
     export LOCAL_WORLD_SIZE=${SLURM_NTASKS_PER_NODE:-1}
     exec python train.py "$@"' train.py --output_dir "$run_dir" "$@" &
