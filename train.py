@@ -472,23 +472,29 @@ def augment(images: torch.Tensor, padding: int, hflip: bool, gen: torch.Generato
     n, c, h, w = images.shape
     dev = images.device
     if padding:
+        wide = w + 2 * padding  # crop = padded[dy:dy+h, dx:dx+w], as one gather per image
         padded = F.pad(images, (padding,) * 4).flatten(2)
+        pixels = (torch.arange(h, device=dev).view(h, 1) * wide + torch.arange(w, device=dev))
         shift = torch.randint(0, 2 * padding + 1, (n, 2, 1), generator=gen, device=dev)
-        rows = (shift[:, 0] + torch.arange(h, device=dev)).unsqueeze(2)  # n x h x 1
-        cols = (shift[:, 1] + torch.arange(w, device=dev)).unsqueeze(1)  # n x 1 x w
-        index = (rows * (w + 2 * padding) + cols).view(n, 1, h * w).expand(n, c, h * w)
-        images = padded.gather(2, index).view(n, c, h, w)
+        index = pixels.view(1, 1, h * w) + shift[:, :1] * wide + shift[:, 1:]
+        images = padded.gather(2, index.expand(n, c, h * w)).view(n, c, h, w)
     if hflip:
         flip = torch.rand(n, generator=gen, device=dev).view(n, 1, 1, 1) < 0.5
         images = torch.where(flip, images.flip(3), images)
     return images
 
 
-def to_input(images: torch.Tensor, meta: dict, channels_last: bool) -> torch.Tensor:
+def normalizer(meta: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) with (x / 255 - mean) / std == x * scale - shift, made once per loop."""
+    mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
+    return 1 / (255 * std), mean / std
+
+
+def to_input(images: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor],
+             channels_last: bool) -> torch.Tensor:
     """uint8 images -> normalized float input."""
-    mean = torch.tensor(meta["mean"], device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(meta["std"], device=images.device).view(1, -1, 1, 1)
-    x = (images.float() / 255 - mean) / std
+    x = images.float().mul_(norm[0]).sub_(norm[1])
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -774,10 +780,11 @@ def evaluate(accelerator: Accelerator, model: nn.Module, split: Split, meta: dic
     """Exact over processes: per-sample values gathered on every batch (which drops the
     padding duplicates of the last batches), summed, divided by the true count."""
     model.eval()
+    norm = normalizer(meta, accelerator.device)
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     for batch in split.loader:
         images, labels = split.batch(batch)
-        logits = model(to_input(images, meta, channels_last)).float()
+        logits = model(to_input(images, norm, channels_last)).float()
         losses = F.cross_entropy(logits, labels, reduction="none")
         losses, correct = accelerator.gather_for_metrics((losses, logits.argmax(1) == labels))
         totals += torch.stack([losses.double().sum(), correct.double().sum(),
@@ -819,6 +826,7 @@ def train(cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, da
     images_per_step = cfg.batch_size * accum * accelerator.num_processes
     interactive = accelerator.is_main_process and sys.stderr.isatty()
     aug = torch.Generator(device=accelerator.device)
+    norm = normalizer(meta, accelerator.device)
 
     while state.epoch < cfg.epochs:
         model.train()
@@ -831,7 +839,7 @@ def train(cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, da
         # Global sums restored on the main process only: the reduce below adds the others.
         sums = torch.tensor(state.epoch_sums if accelerator.is_main_process else [0.0] * 3,
                             dtype=torch.float64, device=accelerator.device)
-        bad_loss = torch.zeros((), device=accelerator.device)
+        flags = torch.zeros(2, device=accelerator.device)  # non-finite losses, stop signal
         bar = tqdm(epoch_loader, total=batches, initial=state.batch, disable=not interactive,
                    desc=f"epoch {state.epoch + 1}/{cfg.epochs}", leave=False)
         t_epoch = t_log = time.perf_counter()
@@ -845,16 +853,14 @@ def train(cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, da
             scale = accum / tail if tail and state.batch >= batches - tail else 1.0
             # ---- the update step
             with accelerator.accumulate(model):
-                logits = model(to_input(images, meta, cfg.channels_last))
+                logits = model(to_input(images, norm, cfg.channels_last))
                 loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
                 accelerator.backward(loss * scale)
-                bad_loss += ~torch.isfinite(loss.detach())
+                flags[0] += ~torch.isfinite(loss.detach())
                 if accelerator.sync_gradients:
                     # One collective per step: a signal or a bad loss on any process counts.
-                    flags = accelerator.reduce(
-                        torch.stack([bad_loss, torch.tensor(float(stop.signal is not None),
-                                                            device=bad_loss.device)]), "sum")
-                    nonfinite, stopping = (v > 0 for v in flags.tolist())
+                    flags[1] = float(stop.signal is not None)
+                    nonfinite, stopping = (v > 0 for v in accelerator.reduce(flags).tolist())
                     if nonfinite and cfg.nan_policy == "stop":
                         raise NonFiniteLoss(f"the loss is not finite at optimizer step "
                                             f"{state.step + 1} (epoch {state.epoch + 1})")
@@ -869,14 +875,14 @@ def train(cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, da
                 optimizer.zero_grad(set_to_none=True)
             # ---- bookkeeping, keyed on the optimizer step
             state.batch += 1
-            n = torch.tensor(float(len(labels)), dtype=torch.float64, device=sums.device)
-            sums += torch.stack([loss.detach().double() * n,
-                                 (logits.argmax(1) == labels).sum().double(), n])
+            sums[0] += loss.detach().double() * len(labels)
+            sums[1] += (logits.argmax(1) == labels).sum()
+            sums[2] += len(labels)
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
             steps_since_log += 1
-            bad_loss.zero_()
+            flags.zero_()
             end_of_epoch = state.batch == batches
             checkpoint = end_of_epoch or stopping or (
                 cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0)

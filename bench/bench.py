@@ -41,7 +41,8 @@ def bare_loop(model_name: str, image_size: int, epochs: int, batch_size: int,
     acc = train.Accelerator(cpu=not torch.cuda.is_available())
     data = train.build_data(cfg, acc, model_name)
     device = acc.device
-    x = train.to_input(data.train.images, data.meta, False)
+    norm = train.normalizer(data.meta, device)
+    x = train.to_input(data.train.images, norm, False)
     y = data.train.labels
     torch.manual_seed(0)
     model = train.build_model(data.meta).to(device)
@@ -68,7 +69,7 @@ def bare_loop(model_name: str, image_size: int, epochs: int, batch_size: int,
         train_time += time.perf_counter() - t0
     model.eval()
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        xv = train.to_input(data.val.images, data.meta, False)
+        xv = train.to_input(data.val.images, norm, False)
         val_acc = (model(xv).argmax(1) == data.val.labels).float().mean().item()
     steps = epochs * (n // batch_size)
     return {"train_time_s": train_time, "images_per_s": steps * batch_size / train_time,
