@@ -77,6 +77,32 @@ def test_accumulation_equals_larger_batch(tmp_path, monkeypatch, schedule):
     assert results(tmp_path / "big")["val_acc"] > 0.25  # chance is 0.1
 
 
+def test_short_last_accumulation_group_is_a_full_mean(tmp_path, monkeypatch):
+    """64 training images at batch 32 with 3 accumulation steps: each epoch is one short group
+    of 2 micro-batches. Its update must equal one batch of 64 (Accelerate alone would scale
+    it by 2/3)."""
+    import datasets
+    from conftest import digit_images
+    monkeypatch.setattr(train, "build_model", lambda meta: NoBatchNorm(
+        meta["channels"], meta["num_classes"], min(meta["image_size"])))
+    items = digit_images(per_class=32, size=8)
+    ds = datasets.Dataset.from_dict(
+        {"image": [i for i, _ in items], "label": [c for _, c in items]},
+        features=datasets.Features({"image": datasets.Image(),
+                                    "label": datasets.ClassLabel(names=["0", "1", "2"])}))
+    path = tmp_path / "ds"
+    datasets.DatasetDict({"train": ds.select(range(64)), "validation": ds.select(range(64, 96))}
+                         ).save_to_disk(str(path))
+    common = ["--dataset", path, "--epochs", 2, "--crop_padding", 0, "--schedule", "constant"]
+    assert run_main(*common, "--batch_size", 32, "--gradient_accumulation_steps", 3,
+                    "--output_dir", tmp_path / "accum") == 0
+    assert run_main(*common, "--batch_size", 64, "--output_dir", tmp_path / "big") == 0
+    assert results(tmp_path / "accum")["steps"] == results(tmp_path / "big")["steps"] == 2
+    a, b = weights(tmp_path / "accum"), weights(tmp_path / "big")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_two_processes_split_the_data_and_metrics_are_exact(tmp_path, launcher):
     # 360 validation images: not a multiple of 2 processes x 64, so the last batches are padded
