@@ -842,7 +842,7 @@ def train(cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, da
         flags = torch.zeros(2, device=accelerator.device)  # non-finite losses, stop signal
         bar = tqdm(epoch_loader, total=batches, initial=state.batch, disable=not interactive,
                    desc=f"epoch {state.epoch + 1}/{cfg.epochs}", leave=False)
-        t_epoch = t_log = time.perf_counter()
+        t_epoch = t_log = t_train = time.perf_counter()
         steps_since_log = 0
         for batch in bar:
             images, labels = data.train.batch(batch)
@@ -899,15 +899,17 @@ def train(cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, da
                     print0(accelerator, f"epoch {state.epoch + 1} step {state.step}/{total_steps}"
                                       f"  loss {loss_sum / count:.4f} acc {correct / count:.2%}"
                                       f"  lr {lr:.4g}  {rate:.0f} img/s")
+            if checkpoint:  # train time excludes evaluation and saving, and survives resumes
+                state.train_time_s += time.perf_counter() - t_train
             if end_of_epoch:
                 bar.close()
-                state.train_time_s += time.perf_counter() - t_epoch
                 finish_epoch(cfg, accelerator, model, data, state, sums, t_epoch, log)
             elif checkpoint:
                 state.epoch_sums = accelerator.reduce(sums, "sum").tolist()
             if checkpoint:
                 path = save_checkpoint(accelerator, run_dir, state, identity,
                                        cfg.keep_checkpoints)
+                t_train = time.perf_counter()
             if stopping:
                 print0(accelerator, f"stopped by {stop.signal or 'a signal to another process'} "
                                   f"at step {state.step}: saved {path}; exit {EXIT_PREEMPTED}, "
