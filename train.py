@@ -51,6 +51,7 @@ from accelerate.tracking import get_available_trackers
 from accelerate.utils import (GradientAccumulationPlugin, TorchDynamoPlugin, broadcast_object_list,
                                gather_object)
 from accelerate.utils import set_seed as accelerate_set_seed
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
@@ -648,7 +649,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: LoopState, i
     return final
 
 
-def pick_checkpoint(cfg: Config, run_dir: Path, print_fn) -> Path | None:
+def pick_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
     """--resume auto: the newest checkpoint that verifies; none: None; else the given path."""
     if cfg.resume == "none":
         return None
@@ -663,7 +664,7 @@ def pick_checkpoint(cfg: Config, run_dir: Path, print_fn) -> Path | None:
         ok, why = checkpoint_ok(path)
         if ok:
             return path
-        print_fn(f"warning: skipping damaged checkpoint {path} ({why})")
+        print(f"warning: skipping damaged checkpoint {path} ({why})", flush=True)
     return None
 
 
@@ -688,8 +689,17 @@ def prepare_run_dir(cfg: Config, run_dir: Path, identity: dict, accelerator: Acc
             old = json.loads((run_dir / "config.json").read_text()).get("identity", {})
         except ValueError:
             old = {"unreadable": True}
-    say = lambda message: print0(accelerator, message)  # noqa: E731
-    resume = None if cfg.overwrite else pick_checkpoint(cfg, run_dir, say)
+    # The main process hashes the checkpoints (once, not once per process) and shares its pick.
+    pick: list = [None]
+    if accelerator.is_main_process and not cfg.overwrite:
+        try:
+            pick = [str(pick_checkpoint(cfg, run_dir) or "")]
+        except UsageError as e:
+            pick = [e]
+    broadcast_object_list(pick)
+    if isinstance(pick[0], UsageError):
+        raise pick[0]
+    resume = Path(pick[0]) if pick[0] else None
     if resume is not None:
         saved = json.loads((resume / "loop_state.json").read_text())["identity"]
         diff = [k for k in RUN_IDENTITY if saved.get(k) != identity.get(k)]
@@ -756,7 +766,6 @@ def read_weights(path: str) -> tuple[dict, dict]:
     p = Path(path)
     p = p / "model.safetensors" if p.is_dir() else p
     try:
-        from safetensors import safe_open
         with safe_open(str(p), "pt") as f:
             meta = json.loads(f.metadata()["train_py"])
         return load_file(str(p)), meta

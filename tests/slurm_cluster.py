@@ -180,8 +180,8 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
 
     # -------------------------------------------------------------- stop
     def stop(self) -> None:
-        sh("scancel", "--full", "--user", "root", check=False, env=self.env) \
-            if self.conf.exists() and self.procs else None
+        if self.conf.exists() and self.procs:
+            sh("scancel", "--full", "--user", "root", check=False, env=self.env)
         for p in reversed(self.procs):
             if p.poll() is None:
                 try:
