@@ -120,7 +120,7 @@ class Config:
     # outputs and logging
     output_dir: str | None = opt(None, "run directory; default runs/<date>-<time>-<model>")
     overwrite: bool = opt(False, "replace a finished or different run in --output_dir")
-    log_every: int = opt(0, "optimizer steps between log lines; 0 = about 5 per epoch")
+    log_every: int = opt(50, "optimizer steps between train log lines; 0 = epoch lines only")
     report_to: str = opt("none", "trackers through Accelerate",
                          ("none", "tensorboard", "wandb", "mlflow", "all"))
     # checkpoints and preemption
@@ -382,20 +382,30 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter(torch.randperm(self.n, generator=g).tolist())
 
 
-@dataclass
-class Split:
-    loader: DataLoader          # prepared: yields indices (memory) or (images, labels) (stream)
-    images: torch.Tensor | None  # memory mode: the whole split, uint8 N x C x H x W, on the device
-    labels: torch.Tensor | None
+class InMemory(torch.utils.data.Dataset):
+    """Memory mode: a whole decoded split as uint8 N x C x H x W images and labels on the
+    device. The loader fetches a batch with one indexing op (`__getitems__`): no per-sample
+    work and nothing to collate."""
 
-    def batch(self, b) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.images[b], self.labels[b]) if self.images is not None else tuple(b)
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.tensor(indices, device=self.labels.device)
+        return self.images[index], self.labels[index]
+
+
+def as_is(batch):  # collate_fn for InMemory: its batches come whole
+    return batch
 
 
 @dataclass
 class Data:
-    train: Split
-    val: Split
+    train: DataLoader           # prepared; both yield (uint8 images, labels) on the device
+    val: DataLoader
     sampler: EpochSampler
     meta: dict                  # what rebuilds the preprocessing: stored with the weights
     mode: str                   # memory or stream, as resolved
@@ -440,49 +450,60 @@ def build_data(cfg: Config, accelerator: Accelerator, model: str, meta: dict | N
                           f"{cfg.memory_budget_gb} GB)")
     # Loader iterators draw their base seed from `generator`; a private one keeps the global
     # RNG (dropout) independent of how many loaders were started, so resumes stay bit-exact.
-    common = dict(generator=torch.Generator().manual_seed(cfg.seed),
-                  pin_memory=accelerator.device.type == "cuda")
     sampler = EpochSampler(len(train), cfg.seed)
-    splits = []
+    loaders = []
     for ds, is_train in zip(sets, (True, False)):
         if data_mode == "memory":
             # Decoded once through the same per-sample path; workers only pay off when large.
             whole = DataLoader(ds, batch_size=512, num_workers=workers if len(ds) > 5000 else 0)
             parts = [batch for batch in whole]
-            images = torch.cat([p[0] for p in parts]).to(accelerator.device)
-            labels = torch.cat([p[1] for p in parts]).to(accelerator.device)
-            ds, loader_workers = range(len(ds)), 0
+            ds = InMemory(torch.cat([p[0] for p in parts]).to(accelerator.device),
+                          torch.cat([p[1] for p in parts]).to(accelerator.device))
+            opts = dict(collate_fn=as_is)
         else:
-            images = labels = None
-            loader_workers = workers
-        loader = DataLoader(
-            ds, batch_size=cfg.batch_size, sampler=sampler if is_train else None,
-            drop_last=is_train, num_workers=loader_workers,
-            persistent_workers=loader_workers > 0, **common)
-        splits.append(Split(accelerator.prepare(loader), images, labels))
-    if len(splits[0].loader) == 0:
+            opts = dict(num_workers=workers, persistent_workers=workers > 0,
+                        pin_memory=accelerator.device.type == "cuda")
+        loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler if is_train else None,
+                            drop_last=is_train, generator=torch.Generator().manual_seed(cfg.seed),
+                            **opts)
+        loaders.append(accelerator.prepare(loader))
+    if len(loaders[0]) == 0:
         raise UsageError(f"{len(train)} training images make no full batch of --batch_size "
                          f"{cfg.batch_size} on each of {accelerator.num_processes} processes; "
                          "lower --batch_size")
-    return Data(splits[0], splits[1], sampler, meta, data_mode,
+    return Data(loaders[0], loaders[1], sampler, meta, data_mode,
                 train.features[label_col].names)
 
 
+@functools.cache
+def crop_indices(h: int, w: int, padding: int, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat indices into a zero-padded image: the unshifted h x w window, the same mirrored,
+    and the (2p+1)^2 offsets of the shifted windows."""
+    wide = w + 2 * padding
+    rows = torch.arange(h, device=device).view(h, 1) * wide
+    cols = torch.arange(w, device=device)
+    shifts = torch.arange(2 * padding + 1, device=device)
+    return ((rows + cols).flatten(), (rows + cols.flip(0)).flatten(),
+            (shifts.view(-1, 1) * wide + shifts).flatten())
+
+
 def augment(images: torch.Tensor, padding: int, hflip: bool, gen: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip, per image, on the device."""
+    """Random crop with zero padding and random horizontal flip, per image, on the device: both
+    are one gather from the padded batch. On a CPU every op counts (~30 us each next to a small
+    model's step), so the indices are cached and the random draws index them."""
     n, c, h, w = images.shape
-    dev = images.device
-    if padding:
-        wide = w + 2 * padding  # crop = padded[dy:dy+h, dx:dx+w], as one gather per image
-        padded = F.pad(images, (padding,) * 4).flatten(2)
-        pixels = (torch.arange(h, device=dev).view(h, 1) * wide + torch.arange(w, device=dev))
-        shift = torch.randint(0, 2 * padding + 1, (n, 2, 1), generator=gen, device=dev)
-        index = pixels.view(1, 1, h * w) + shift[:, :1] * wide + shift[:, 1:]
-        images = padded.gather(2, index.expand(n, c, h * w)).view(n, c, h, w)
+    if not (padding or hflip):
+        return images
+    plain, mirrored, offsets = crop_indices(h, w, padding, images.device)
+    window = plain
     if hflip:
-        flip = torch.rand(n, generator=gen, device=dev).view(n, 1, 1, 1) < 0.5
-        images = torch.where(flip, images.flip(3), images)
-    return images
+        flip = torch.rand(n, 1, generator=gen, device=images.device) < 0.5
+        window = torch.where(flip, mirrored, plain)
+    pick = torch.randint(0, len(offsets), (n, 1), generator=gen, device=images.device)
+    index = window + offsets[pick]  # n x (h * w)
+    padded = F.pad(images, (padding,) * 4).flatten(2)
+    return padded.gather(2, index.unsqueeze(1).expand(n, c, h * w)).view(n, c, h, w)
 
 
 def normalizer(meta: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -784,15 +805,14 @@ def peak_memory_mb(accelerator: Accelerator) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, model: nn.Module, split: Split, meta: dict,
+def evaluate(accelerator: Accelerator, model: nn.Module, loader: DataLoader, meta: dict,
              channels_last: bool) -> dict:
     """Exact over processes: per-sample values gathered on every batch (which drops the
     padding duplicates of the last batches), summed, divided by the true count."""
     model.eval()
     norm = normalizer(meta, accelerator.device)
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
-    for batch in split.loader:
-        images, labels = split.batch(batch)
+    for images, labels in loader:
         logits = model(to_input(images, norm, channels_last)).float()
         losses = F.cross_entropy(logits, labels, reduction="none")
         losses, correct = accelerator.gather_for_metrics((losses, logits.argmax(1) == labels))
@@ -826,12 +846,11 @@ class StopFlag:
 def train(cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, data: Data,
           state: LoopState, run_dir: Path, identity: dict, log: MetricsLog, stop: StopFlag
           ) -> int:
-    loader, meta, rank = data.train.loader, data.meta, accelerator.process_index
+    loader, meta, rank = data.train, data.meta, accelerator.process_index
     batches = len(loader)                     # micro-batches per process per epoch
     accum = cfg.gradient_accumulation_steps
     tail = batches % accum                    # micro-batches in a short last group, if any
     total_steps = math.ceil(batches / accum) * cfg.epochs
-    log_every = cfg.log_every or max(1, math.ceil(batches / accum) // 5)
     images_per_step = cfg.batch_size * accum * accelerator.num_processes
     interactive = accelerator.is_main_process and sys.stderr.isatty()
     aug = torch.Generator(device=accelerator.device)
@@ -845,16 +864,16 @@ def train(cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, da
         # at 0 in a resumed process (and in the loader skip_first_batches makes): set both.
         epoch_loader.set_epoch(state.epoch)
         data.sampler.set_epoch(state.epoch)
-        # Global sums restored on the main process only: the reduce below adds the others.
-        sums = torch.tensor(state.epoch_sums if accelerator.is_main_process else [0.0] * 3,
-                            dtype=torch.float64, device=accelerator.device)
-        flags = torch.zeros(2, device=accelerator.device)  # non-finite losses, stop signal
+        # This step's summed mean losses, correct predictions and stop signal on this process,
+        # kept on the device: reduced over processes once per step, then summed into Python.
+        step_sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+        step_loss, step_correct, step_stop = step_sums  # views
+        micro_batches = 0
         bar = tqdm(epoch_loader, total=batches, initial=state.batch, disable=not interactive,
                    desc=f"epoch {state.epoch + 1}/{cfg.epochs}", leave=False)
         t_epoch = t_log = t_train = time.perf_counter()
         steps_since_log = 0
-        for batch in bar:
-            images, labels = data.train.batch(batch)
+        for images, labels in bar:
             aug.manual_seed(hash((cfg.seed, state.epoch, state.batch, rank)) % 2**62)
             images = augment(images, meta["crop_padding"], meta["hflip"], aug)
             # Accelerate divides every loss by `accum`, also in a short last group: rescale
@@ -864,12 +883,16 @@ def train(cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, da
             with accelerator.accumulate(model):
                 logits = model(to_input(images, norm, cfg.channels_last))
                 loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-                accelerator.backward(loss * scale)
-                flags[0] += ~torch.isfinite(loss.detach())
+                accelerator.backward(loss if scale == 1 else loss * scale)
+                step_loss += loss.detach()
+                step_correct += (logits.argmax(1) == labels).sum()
+                micro_batches += 1
                 if accelerator.sync_gradients:
-                    # One collective per step: a signal or a bad loss on any process counts.
-                    flags[1] = float(stop.signal is not None)
-                    nonfinite, stopping = (v > 0 for v in accelerator.reduce(flags).tolist())
+                    # One collective per step: loss and accuracy over all processes (a NaN/inf
+                    # anywhere makes the sum non-finite) and whether any got a stop signal.
+                    step_stop.fill_(stop.signal is not None)
+                    loss_sum, correct, stops = accelerator.reduce(step_sums).tolist()
+                    nonfinite, stopping = not math.isfinite(loss_sum), stops > 0
                     if nonfinite and cfg.nan_policy == "stop":
                         raise NonFiniteLoss(f"the loss is not finite at optimizer step "
                                             f"{state.step + 1} (epoch {state.epoch + 1})")
@@ -884,19 +907,23 @@ def train(cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, da
                 optimizer.zero_grad(set_to_none=True)
             # ---- bookkeeping, keyed on the optimizer step
             state.batch += 1
-            sums[0] += loss.detach().double() * len(labels)
-            sums[1] += (logits.argmax(1) == labels).sum()
-            sums[2] += len(labels)
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
             steps_since_log += 1
-            flags.zero_()
+            if not nonfinite:  # the epoch's running sums, the same on every process
+                n = cfg.batch_size  # drop_last: every micro-batch on every process is full
+                seen = micro_batches * n * accelerator.num_processes
+                state.epoch_sums = [a + b for a, b in
+                                    zip(state.epoch_sums, (loss_sum * n, correct, seen))]
+            step_sums.zero_()
+            micro_batches = 0
             end_of_epoch = state.batch == batches
             checkpoint = end_of_epoch or stopping or (
                 cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0)
-            if state.step % log_every == 0 and not end_of_epoch:
-                loss_sum, correct, count = accelerator.reduce(sums, "sum").tolist()
+            log_now = cfg.log_every and state.step % cfg.log_every == 0 and not end_of_epoch
+            if log_now and state.epoch_sums[2]:
+                loss_sum, correct, count = state.epoch_sums
                 rate = images_per_step * steps_since_log / (time.perf_counter() - t_log)
                 t_log, steps_since_log = time.perf_counter(), 0
                 lr = optimizer.param_groups[0]["lr"]
@@ -912,9 +939,7 @@ def train(cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, da
                 state.train_time_s += time.perf_counter() - t_train
             if end_of_epoch:
                 bar.close()
-                finish_epoch(cfg, accelerator, model, data, state, sums, t_epoch, log)
-            elif checkpoint:
-                state.epoch_sums = accelerator.reduce(sums, "sum").tolist()
+                finish_epoch(cfg, accelerator, model, data, state, t_epoch, log)
             if checkpoint:
                 path = save_checkpoint(accelerator, run_dir, state, identity,
                                        cfg.keep_checkpoints)
@@ -928,10 +953,11 @@ def train(cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, da
 
 
 def finish_epoch(cfg: Config, accelerator: Accelerator, model: nn.Module, data: Data,
-                 state: LoopState, sums: torch.Tensor, t_epoch: float, log: MetricsLog) -> None:
+                 state: LoopState, t_epoch: float, log: MetricsLog) -> None:
     """Evaluate, report the epoch, and move the loop state to the start of the next one."""
     epoch_time = time.perf_counter() - t_epoch
-    loss_sum, correct, count = accelerator.reduce(sums, "sum").tolist()
+    loss_sum, correct, count = state.epoch_sums
+    count = count or math.nan  # every step of the epoch skipped (--nan_policy skip)
     metrics = {"train_loss": loss_sum / count, "train_acc": correct / count,
                **evaluate(accelerator, model, data.val, data.meta, cfg.channels_last)}
     model.train()
@@ -976,7 +1002,7 @@ def run_training(cfg: Config, accelerator: Accelerator, run_dir: Path, t_start: 
     identity = {**{k: getattr(cfg, k) for k in RUN_IDENTITY if hasattr(cfg, k)},
                 "image_size": meta["image_size"], "num_classes": meta["num_classes"],
                 "num_processes": accelerator.num_processes,
-                "train_count": len(data.sampler), "val_count": len(data.val.loader.dataset)}
+                "train_count": len(data.sampler), "val_count": len(data.val.dataset)}
     resume = prepare_run_dir(cfg, run_dir, identity, accelerator)
     accelerate_set_seed(cfg.seed)
     model = build_model(meta)
@@ -1033,7 +1059,7 @@ def write_results(cfg: Config, accelerator: Accelerator, model: nn.Module, data:
                   state: LoopState, run_dir: Path, meta: dict, wall_time: float,
                   resume: Path | None) -> None:
     rss, dev = peak_memory_mb(accelerator)
-    images = cfg.epochs * len(data.train.loader) * cfg.batch_size * accelerator.num_processes
+    images = cfg.epochs * len(data.train) * cfg.batch_size * accelerator.num_processes
     results = {**state.last_metrics, "steps": state.step, "epochs": cfg.epochs,
                "wall_time_s": round(wall_time, 3), "train_time_s": round(state.train_time_s, 3),
                "images_per_s": round(images / state.train_time_s, 1),

@@ -42,8 +42,8 @@ def bare_loop(model_name: str, image_size: int, epochs: int, batch_size: int,
     data = train.build_data(cfg, acc, model_name)
     device = acc.device
     norm = train.normalizer(data.meta, device)
-    x = train.to_input(data.train.images, norm, False)
-    y = data.train.labels
+    x = train.to_input(data.train.dataset.images, norm, False)
+    y = data.train.dataset.labels
     torch.manual_seed(0)
     model = train.build_model(data.meta).to(device)
     if compile_model:
@@ -69,8 +69,8 @@ def bare_loop(model_name: str, image_size: int, epochs: int, batch_size: int,
         train_time += time.perf_counter() - t0
     model.eval()
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        xv = train.to_input(data.val.images, norm, False)
-        val_acc = (model(xv).argmax(1) == data.val.labels).float().mean().item()
+        xv = train.to_input(data.val.dataset.images, norm, False)
+        val_acc = (model(xv).argmax(1) == data.val.dataset.labels).float().mean().item()
     steps = epochs * (n // batch_size)
     return {"train_time_s": train_time, "images_per_s": steps * batch_size / train_time,
             "val_acc": val_acc, "peak_rss_mb": resource.getrusage(

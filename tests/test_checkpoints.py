@@ -245,6 +245,9 @@ def test_nan_loss_skip_policy_drops_the_step(tmp_path, monkeypatch):
     assert run_main("--epochs", 1, "--nan_policy", "skip", "--output_dir", tmp_path) == 0
     res = results(tmp_path)
     assert res["skipped_steps"] == 1 and res["steps"] == 22
+    # The epoch's train metrics leave the skipped step out: 21 batches of 64, a finite loss.
+    assert torch.isfinite(torch.tensor(res["train_loss"])) and res["train_loss"] < 2.5
+    assert round(res["train_acc"] * 21 * 64) == pytest.approx(res["train_acc"] * 21 * 64)
     w = torch.cat([t.flatten().float() for t in
                    __import__("conftest").weights(tmp_path).values()])
     assert torch.isfinite(w).all()

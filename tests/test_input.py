@@ -34,12 +34,23 @@ def test_auto_mode_follows_the_memory_budget(tmp_path, capsys):
 
 
 def test_batch_augmentation_crops_and_flips_per_image():
-    images = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4).repeat(50, 1, 1, 1)
+    images = torch.arange(1, 2 * 3 * 4 * 5 + 1, dtype=torch.uint8).view(2, 3, 4, 5)
+    images = images.repeat(100, 1, 1, 1)
     out = train.augment(images, 1, True, torch.Generator().manual_seed(0))
     assert out.shape == images.shape and out.dtype == torch.uint8
-    assert len({tuple(o.flatten().tolist()) for o in out}) > 10  # different per image
+    # Each output is exactly one of the 9 zero-padded shifts of its input, mirrored or not,
+    # the same for all channels; all 18 choices occur over 200 images.
+    seen = set()
+    for o, i in zip(out, images):
+        padded = torch.nn.functional.pad(i, (1, 1, 1, 1))
+        match = [(dy, dx, f) for dy in range(3) for dx in range(3) for f in (0, 1)
+                 if torch.equal(o, (padded.flip(2) if f else padded)[:, dy:dy + 4, dx:dx + 5])]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert len(seen) == 18
     flipped = train.augment(images, 0, True, torch.Generator().manual_seed(0))
     assert all(torch.equal(f, i) or torch.equal(f, i.flip(2)) for f, i in zip(flipped, images))
+    assert 70 < sum(torch.equal(f, i.flip(2)) for f, i in zip(flipped, images)) < 130
     assert torch.equal(train.augment(images, 0, False, torch.Generator()), images)
 
 

@@ -182,8 +182,10 @@ def test_validation_classes_are_matched_by_name(tmp_path):
 def test_optimizer_schedule_and_options(tmp_path):
     assert run_main("--epochs", 2, "--optimizer", "adamw", "--lr", 0.003, "--weight_decay", 0.05,
                     "--label_smoothing", 0.1, "--schedule", "onecycle", "--max_grad_norm", 1.0,
-                    "--output_dir", tmp_path / "r") == 0
-    lrs = [e["lr"] for e in events(tmp_path / "r") if e["event"] == "train"]
+                    "--log_every", 4, "--output_dir", tmp_path / "r") == 0
+    logged = [e for e in events(tmp_path / "r") if e["event"] == "train"]
+    assert [e["step"] for e in logged] == list(range(4, 44, 4))  # 44: the epoch line instead
+    lrs = [e["lr"] for e in logged]
     assert max(lrs) <= 0.003 and lrs[0] < max(lrs) and lrs[-1] < max(lrs)
     assert results(tmp_path / "r")["val_acc"] > 0.8
 
@@ -307,12 +309,12 @@ def test_progress_bar_on_a_terminal_plain_lines_otherwise(tmp_path):
     import subprocess
     import sys
     cmd = f"stty cols 120 rows 40; {shlex.quote(sys.executable)} {ROOT / 'train.py'} " \
-          f"--epochs 1 --output_dir {tmp_path / 'tty'}"  # tqdm draws nothing 0 columns wide
+          f"--epochs 1 --log_every 4 --output_dir {tmp_path / 'tty'}"  # 0 columns: no bar
     tty = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True,
                          timeout=120)
     assert tty.returncode == 0, tty.stdout[-2000:]
     assert re.search(r"epoch 1/1: .*/22 \[.*it/s, acc=[\d.]+%, loss=[\d.]+\]", tty.stdout)
-    plain = run_cli("--epochs", 1, "--output_dir", tmp_path / "log")
+    plain = run_cli("--epochs", 1, "--log_every", 4, "--output_dir", tmp_path / "log")
     assert plain.returncode == 0
     assert re.search(r"^epoch 1 step 4/22  loss [\d.]+ acc [\d.]+%", plain.stdout, re.M)
     assert "it/s" not in plain.stdout + plain.stderr
