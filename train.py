@@ -9,8 +9,9 @@ processes, mixed precision, accumulation and state; Hugging Face `datasets` owns
     sbatch slurm/multi_node.sbatch --dataset /data/imagenette --epochs 30
     python train.py --eval_only --weights runs/x --output_dir runs/x-eval
 
-Evidence (2-core x86 CPU, no GPU): the default run reaches 99.4% validation accuracy on
-digits; its 8 epochs train in ~1 s, the whole process takes ~9 s. README.md has the details.
+Evidence (2-core x86 CPU, no GPU): the default run reaches 99.2% validation accuracy on
+digits (97.8-99.2% over seeds 0-4); its 8 epochs train in ~1 s, the whole process takes ~9 s.
+README.md has the details.
 
 A run directory holds config.json, metrics.jsonl, results.json, model.safetensors and
 checkpoints/step_XXXXXXXX/. Re-running the same command resumes from the newest complete
