@@ -73,9 +73,10 @@ def bare_loop(model_name: str, image_size: int, epochs: int, batch_size: int,
         xv = train.to_input(data.val.dataset.images, norm, False)
         val_acc = (model(xv).argmax(1) == data.val.dataset.labels).float().mean().item()
     steps = epochs * (n // batch_size)
+    peak_device = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
     return {"train_time_s": train_time, "images_per_s": steps * batch_size / train_time,
-            "val_acc": val_acc, "peak_rss_mb": resource.getrusage(
-                resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "val_acc": val_acc, "peak_device_mb": peak_device,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def run_train_py(flags: list[str], out: Path) -> dict:
@@ -135,11 +136,11 @@ def main() -> None:
             rows = {k: min(v, key=lambda r: r["train_time_s"]) for k, v in runs.items()}
             base = rows["c bare"]["train_time_s"]
             print(f"\ncase {case}: {epochs} epochs")
-            print(f"  {'variant':10} {'train s':>8} {'img/s':>8} {'peak MB':>8} {'val acc':>8}"
-                  f" {'ratio':>6}")
+            print(f"  {'variant':10} {'train s':>8} {'img/s':>8} {'RSS MB':>8} {'dev MB':>8} "
+                  f"{'val acc':>8} {'ratio':>6}")
             for label, r in rows.items():
                 print(f"  {label:10} {r['train_time_s']:8.2f} {r['images_per_s']:8.0f} "
-                      f"{r['peak_rss_mb']:8.0f} {r['val_acc']:8.2%} "
+                      f"{r['peak_rss_mb']:8.0f} {r['peak_device_mb']:8.0f} {r['val_acc']:8.2%} "
                       f"{r['train_time_s'] / base:6.2f}")
             # Load on a shared machine drifts between runs: the ratio of each round's runs (made
             # seconds apart) is steadier than a ratio of minima taken minutes apart.
