@@ -179,6 +179,16 @@ def test_validation_classes_are_matched_by_name(tmp_path):
     assert results(tmp_path / "r")["val_acc"] > 0.8
 
 
+def test_accelerates_per_step_lookups_are_answered_once(tmp_path):
+    """The README's claim: is_lomo_available() (twice per optimizer.step()) and
+    inspect.signature(zero_grad) (every zero_grad()) are cached, and training still works."""
+    import accelerate.optimizer as accelerate_optimizer
+    assert run_main("--epochs", 2, "--output_dir", tmp_path) == 0
+    assert accelerate_optimizer.is_lomo_available.cache_info().hits >= 2 * 44 - 1
+    assert accelerate_optimizer.inspect.signature.cache_info().hits >= 44 - 1
+    assert results(tmp_path)["val_acc"] > 0.5  # chance is 0.1
+
+
 def test_optimizer_schedule_and_options(tmp_path):
     assert run_main("--epochs", 2, "--optimizer", "adamw", "--lr", 0.003, "--weight_decay", 0.05,
                     "--label_smoothing", 0.1, "--schedule", "onecycle", "--max_grad_norm", 1.0,
