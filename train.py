@@ -3,22 +3,31 @@ many GPUs, many nodes, Slurm with preemption. One file; Hugging Face Accelerate 
 processes, mixed precision, accumulation and state; Hugging Face `datasets` owns loading.
 
     python train.py                           # laptop: built-in digits, ~99% in seconds
-    python train.py --dataset ./my_images --model resnet18 --image_size 64
+    python train.py --dataset ./my_images     # class subfolders; size, colour, batch inferred
     accelerate launch --config_file accelerate_config.yaml train.py --dataset uoft-cs/cifar10
     torchrun --nproc_per_node 2 train.py      # on a CPU-only machine: 2 gloo processes
     sbatch slurm/multi_node.sbatch --dataset /data/imagenette --epochs 30
-    python train.py --eval_only --weights runs/x --output_dir runs/x-eval
+    python train.py --eval_only --weights runs/x --dataset ./other_images --output_dir runs/x-eval
 
 Evidence (2-core x86 CPU, no GPU): the default run reaches 99.2% validation accuracy on
 digits (97.8-99.2% over seeds 0-4); its 8 epochs train in ~1 s, the whole process takes ~9 s.
 README.md has the details.
 
+Contents, in the order data flows:
+    configuration    Config (every flag), CHECKS, parse_config, StopFlag (signals)
+    libraries        import_libraries (after the flags: --help answers at once), make_accelerator
+    data             load_source, find_columns, load_splits, image properties, decode, loaders
+    model            the small CNN, torchvision models, optimizer, lr_at
+    run directory    the lock, LoopState, crash-safe checkpoints, metrics.jsonl, weights
+    the loop         train (the update step), end_epoch, evaluate_epoch (PreciseBN + exact metrics)
+    main             run_training, run_eval_only, main
+
 A run directory holds config.json, metrics.jsonl, results.json, model.safetensors and
 checkpoints/step_XXXXXXXX/. Re-running the same command resumes from the newest complete
-checkpoint (--resume auto).
+checkpoint (--resume auto); a second run in a directory that a live run holds is refused.
 
-Exit codes: 0 done; 2 bad usage or input; 75 stopped by a signal after saving a checkpoint
-(requeue me); 1 anything else (a non-finite loss included).
+Exit codes: 0 done; 2 bad usage or input; 75 stopped by a signal after saving a checkpoint,
+or before training started (requeue me); 1 anything else (a non-finite loss, a full disk).
 """
 from __future__ import annotations
 
@@ -26,6 +35,8 @@ import argparse
 import dataclasses
 import datetime
 import difflib
+import errno
+import fcntl
 import functools
 import hashlib
 import inspect
@@ -36,37 +47,40 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import sys
+import threading
 import time
 import types
+import urllib.parse
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import datasets
-import numpy as np
-import PIL.Image
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import torchvision
-from accelerate import Accelerator, DataLoaderConfiguration, PartialState
-from accelerate.tracking import get_available_trackers
-from accelerate.utils import (GradientAccumulationPlugin, TorchDynamoPlugin, broadcast_object_list,
-                               gather_object)
-from accelerate.utils import set_seed as accelerate_set_seed
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
-from torchvision.transforms.v2 import functional as TF
-from tqdm.auto import tqdm
-
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 75
+MAX_IMAGE_SIZE = 4096     # pixels per side: 48 MB per decoded RGB image already
+AUTO_SIZE_CAP = 224       # inferred image sizes stop here (torchvision's classification size)
+MIN_STEPS_PER_EPOCH = 10  # the automatic batch size shrinks (down to 8) to give this many
 
 
-def print0(accelerator: Accelerator, *values) -> None:
+def print0(accelerator, *values) -> None:
     """Print once per job: accelerator.print prints once per node."""
     if accelerator.is_main_process:
         print(*values, flush=True)
+
+
+def listing(items, limit: int = 8) -> str:
+    """A list for a one-line message: the first few, then how many in all."""
+    items = [str(i) for i in items]
+    more = f", ... ({len(items)} in all)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 class UsageError(Exception):
@@ -87,26 +101,35 @@ def opt(default, help: str, choices: tuple | None = None):
 class Config:
     # data
     dataset: str = opt("digits", "'digits' (built in, offline), a Hub id, an image folder (class "
-                       "subfolders, optional train/ validation/ test/), or a save_to_disk dir")
+                       "subfolders, optional train/ validation/ test/), a Hub download (dataset "
+                       "card + parquet/csv/json files) or a save_to_disk dir")
     dataset_config: str | None = opt(None, "Hub dataset configuration name")
     revision: str | None = opt(None, "Hub dataset revision: branch, tag or commit")
-    image_column: str | None = opt(None, "image column; None = the one with the Image feature")
-    label_column: str | None = opt(None, "label column; None = the one with the ClassLabel feature")
+    image_column: str | None = opt(None, "image column; default: the Image feature ('image' "
+                                   "first)")
+    label_column: str | None = opt(None, "label column; default: the ClassLabel feature "
+                                   "('label' first), else a plain 'label' column")
     val_fraction: float = opt(0.2, "held out, stratified, when the data has no validation split")
-    image_size: int = opt(0, "square side in pixels; 0 = the first training image's height")
+    image_size: int = opt(0, "square side in pixels (shorter side resized, centre crop); 0 = "
+                          "auto: the images' own size if they all share one, else the median "
+                          f"shorter side; at most {AUTO_SIZE_CAP}")
+    channels: int = opt(0, "1 (grayscale) or 3 (RGB); 0 = auto: 3 if at least half the sampled "
+                        "images are colour (torchvision models always take 3)", (0, 1, 3))
     data_mode: str = opt("auto", "memory: decode once, batches on the device; stream: loader "
                          "workers; auto: memory if it fits --memory_budget_gb",
                          ("auto", "memory", "stream"))
     memory_budget_gb: float = opt(4.0, "largest decoded dataset kept in memory by --data_mode auto")
     num_workers: int = opt(-1, "loader worker processes; -1 = from the CPU count, 0 = none")
     crop_padding: int = opt(-1, "random-crop padding in pixels; -1 = image_size // 8, 0 = off")
-    hflip: str = opt("auto", "random horizontal flips; auto = on for RGB data, off for grayscale",
-                     ("auto", "yes", "no"))
+    hflip: str = opt("auto", "random horizontal flips; auto = on for colour data, off for "
+                     "grayscale", ("auto", "yes", "no"))
     # model
     model: str = opt("cnn", "'cnn' (small, defined here) or a torchvision classifier: resnet18")
     # optimization
     epochs: int = opt(8, "passes over the training data")
-    batch_size: int = opt(64, "images per process per micro-batch (effective: x processes x accum)")
+    batch_size: int = opt(0, "images per process per micro-batch (effective: x processes x "
+                          "accum); 0 = auto: 64, halved down to 8 until an epoch has "
+                          f"{MIN_STEPS_PER_EPOCH} steps")
     lr: float = opt(0.05, "peak learning rate")
     optimizer: str = opt("sgd", "sgd (momentum) or adamw", ("sgd", "adamw"))
     momentum: float = opt(0.9, "SGD momentum")
@@ -120,8 +143,10 @@ class Config:
                             "(onecycle: 0 = 25%% of the run)")
     nan_policy: str = opt("stop", "on a NaN/inf loss: stop (exit 1) or skip the step",
                           ("stop", "skip"))
+    precise_bn: int = opt(2048, "training images that recompute BatchNorm statistics before "
+                          "each evaluation (running averages lag early on); 0 = off")
     # outputs and logging
-    output_dir: str | None = opt(None, "run directory; default runs/<date>-<time>-<model>")
+    output_dir: str | None = opt(None, "run directory; default: a new runs/<date>-<time>-<model>")
     overwrite: bool = opt(False, "replace a finished or different run in --output_dir")
     log_every: int = opt(50, "optimizer steps between train log lines; 0 = epoch lines only")
     report_to: str = opt("none", "trackers through Accelerate",
@@ -136,28 +161,25 @@ class Config:
     # system
     seed: int = opt(0, "seeds the split, the data order, augmentation and the weights")
     cpu: bool = opt(False, "train on the CPU even when an accelerator is present")
-    mixed_precision: str | None = opt(None, "default: the launcher's setting (else no)",
-                                      ("no", "fp16", "bf16"))
+    mixed_precision: str | None = opt(None, "no, fp16 or bf16; default: the launcher's setting "
+                                      "on a GPU, no on the CPU", ("no", "fp16", "bf16"))
     compile: bool = opt(False, "torch.compile the model (inductor)")
     channels_last: bool = opt(False, "channels-last memory format for model and inputs")
     threads: int = opt(0, "CPU threads per process; 0 = torch's default (OMP_NUM_THREADS)")
     # evaluation only
-    eval_only: bool = opt(False, "evaluate --weights on the validation split, no training")
+    eval_only: bool = opt(False, "evaluate --weights, no training")
     weights: str | None = opt(None, "for --eval_only: a run directory or a model.safetensors")
+    split: str | None = opt(None, "for --eval_only: the split to evaluate; default: the "
+                            "validation split the weights were trained with, or for another "
+                            "--dataset its validation/test split, else all of it")
 
-
-# Fields that define a run's trajectory: a checkpoint or run directory that differs in any
-# of them belongs to another run (the data order depends on the process count).
-RUN_IDENTITY = ("dataset", "dataset_config", "revision", "model", "image_size", "batch_size",
-                "gradient_accumulation_steps", "num_processes", "num_classes", "train_count",
-                "val_count", "seed")
 
 CHECKS = [  # (field, ok, requirement)
     ("epochs", lambda v: v >= 1, "at least 1"),
-    ("batch_size", lambda v: v >= 1, "at least 1"),
+    ("batch_size", lambda v: v >= 0, ">= 0 (0 = auto)"),
     ("lr", lambda v: v > 0, "> 0"),
     ("val_fraction", lambda v: 0 < v < 1, "between 0 and 1"),
-    ("image_size", lambda v: v >= 0, ">= 0"),
+    ("image_size", lambda v: 0 <= v <= MAX_IMAGE_SIZE, f"between 0 (auto) and {MAX_IMAGE_SIZE}"),
     ("memory_budget_gb", lambda v: v > 0, "> 0"),
     ("num_workers", lambda v: v >= -1, ">= -1"),
     ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -166,10 +188,13 @@ CHECKS = [  # (field, ok, requirement)
     ("max_grad_norm", lambda v: v >= 0, ">= 0"),
     ("gradient_accumulation_steps", lambda v: v >= 1, "at least 1"),
     ("warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("precise_bn", lambda v: v >= 0, ">= 0"),
     ("log_every", lambda v: v >= 0, ">= 0"),
     ("checkpoint_every", lambda v: v >= 0, ">= 0"),
     ("keep_checkpoints", lambda v: v >= 0, ">= 0"),
     ("threads", lambda v: v >= 0, ">= 0"),
+    ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy's seed range)"),
+    ("output_dir", lambda v: v is None or v.strip() != "", "a directory, not empty"),
 ]
 
 
@@ -179,12 +204,14 @@ GROUPS = {"dataset": "data", "model": "model", "epochs": "optimization",  # firs
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[Config, set[str]]:
-    """Flags are generated from Config; returns the config and the names given explicitly."""
+    """Flags are generated from Config; returns the config and the names given explicitly.
+    Everything here is checked before any file is written or any library imported."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     argument_default=argparse.SUPPRESS)
+                                     argument_default=argparse.SUPPRESS,
+                                     allow_abbrev=False)  # slurm/lib.sh reads --output_dir
     for f in fields(Config):
         group = parser.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
-        text = f"{f.metadata['help']} (default: {f.default})"
+        text = f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})")
         if f.type == "bool":
             group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=text)
         else:
@@ -192,40 +219,133 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, set[str]]:
                                choices=f.metadata["choices"], help=text)
     given = vars(parser.parse_args(argv))
     cfg = Config(**given)
+    for f in fields(Config):
+        if f.type == "float" and not math.isfinite(getattr(cfg, f.name)):
+            raise UsageError(f"--{f.name} must be a finite number (got {getattr(cfg, f.name)})")
     for name, ok, requirement in CHECKS:
         if not ok(getattr(cfg, name)):
-            raise UsageError(f"--{name} must be {requirement} (got {getattr(cfg, name)})")
+            raise UsageError(f"--{name} must be {requirement} (got {getattr(cfg, name)!r})")
+    signal_numbers(cfg.stop_signals)
     if cfg.eval_only and not cfg.weights:
         raise UsageError("--eval_only needs --weights RUN_DIR_OR_MODEL_SAFETENSORS")
+    for flag in ("weights", "split"):
+        if flag in given and not cfg.eval_only:
+            raise UsageError(f"--{flag} goes with --eval_only (evaluate saved weights); drop it "
+                             "to train")
+    if cfg.resume not in ("auto", "none") and cfg.overwrite:
+        raise UsageError(f"--resume {cfg.resume} continues that checkpoint, --overwrite would "
+                         "delete it: drop --overwrite")
+    if cfg.channels == 1 and cfg.model != "cnn":
+        raise UsageError(f"--channels 1: torchvision models (--model {cfg.model}) take RGB input")
     return cfg, set(given)
 
 
-def make_accelerator(cfg: Config, cpu: bool, run_dir: Path) -> Accelerator:
-    available = [str(t) for t in get_available_trackers()]
+def signal_numbers(names: str) -> list[int]:
+    numbers = []
+    for name in filter(None, (n.strip().upper() for n in names.split(","))):
+        signum = getattr(signal, name if name.startswith("SIG") else "SIG" + name, None)
+        if not isinstance(signum, signal.Signals):
+            raise UsageError(f"--stop_signals: unknown signal {name}")
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            raise UsageError(f"--stop_signals: {signum.name} cannot be caught; use USR1, TERM "
+                             "or INT")
+        numbers.append(signum)
+    return numbers
+
+
+class StopFlag:
+    """Signal handlers only set this; the processes agree on it at the next step boundary.
+    Installed on main()'s first line and never restored by the program: a signal during the
+    imports, the data loading or the shutdown after the last checkpoint still means exit 75."""
+
+    def __init__(self, names: str):
+        self.signal: str | None = None
+        self.catch(names)
+
+    def catch(self, names: str) -> None:
+        wanted = signal_numbers(names)
+        for signum in set(getattr(self, "caught", [])) - set(wanted):
+            signal.signal(signum, signal.SIG_DFL)
+        for signum in wanted:
+            signal.signal(signum, self.handle)
+        self.caught = wanted
+
+    def handle(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers: a Ctrl-C or Slurm's SIGTERM goes to the whole process group, and a
+    worker killed by it would crash the run before the main process can checkpoint."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+# ----------------------------------------------------------------------------- libraries
+
+def import_libraries() -> None:
+    """torch, torchvision, accelerate and datasets take ~6 s to import: they come after the
+    stop signals are caught and the flags are checked, so --help and a bad flag answer at once
+    and a signal during the imports is not lost. Tests and benchmarks call this first."""
+    global accelerate, datasets, np, PIL, safetensors, torch, torchvision, nn, F, TF, tqdm
+    import accelerate
+    import accelerate.optimizer
+    import accelerate.tracking
+    import accelerate.utils
+    import datasets
+    import numpy as np
+    import PIL.Image
+    import PIL.ImageOps
+    import safetensors
+    import safetensors.torch
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    import torchvision
+    from torchvision.transforms.v2 import functional as TF
+    from tqdm.auto import tqdm
+
+
+def make_accelerator(cfg: Config, cpu: bool, run_dir: Path):
+    available = [str(t) for t in accelerate.tracking.get_available_trackers()]
     if cfg.report_to not in ("none", "all", *available):  # Accelerate would log nowhere
         raise UsageError(f"--report_to {cfg.report_to}: the package is not installed "
                          f"(pip install {cfg.report_to})")
+    # The shipped launcher config asks for bf16, which on a CPU is slower than fp32 and no
+    # better: on the CPU only an explicit --mixed_precision turns it on.
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    mixed = cfg.mixed_precision or ("no" if cpu else None)
     try:
-        accelerator = Accelerator(
-            cpu=cpu, project_dir=str(run_dir),
-            mixed_precision=cfg.mixed_precision,
-            gradient_accumulation_plugin=GradientAccumulationPlugin(
+        accelerator = accelerate.Accelerator(
+            cpu=cpu, project_dir=str(run_dir), mixed_precision=mixed,
+            gradient_accumulation_plugin=accelerate.utils.GradientAccumulationPlugin(
                 num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=True),
-            dataloader_config=DataLoaderConfiguration(non_blocking=True),
-            dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.compile else None,
+            dataloader_config=accelerate.utils.DataLoaderConfiguration(non_blocking=True),
+            dynamo_plugin=accelerate.utils.TorchDynamoPlugin(backend="inductor")
+            if cfg.compile else None,
             log_with=None if cfg.report_to == "none" else cfg.report_to)
     except (ValueError, ImportError) as e:  # e.g. an uninstalled tracker, bf16 unsupported
         raise UsageError(str(e).strip().splitlines()[0]) from None
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # Accelerate accepts this and silently trains in fp32.
         raise UsageError("--mixed_precision fp16 needs a GPU; on the CPU use bf16 or no")
+    if cpu and cfg.mixed_precision is None and launcher != "no":
+        print0(accelerator, f"note: the launcher asks for {launcher}; on the CPU this run "
+                            "trains in fp32 (--mixed_precision bf16 insists)")
+    cores, local = cpu_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if accelerator.device.type == "cpu" and local > cores:
+        print0(accelerator, f"warning: {local} processes on {cores} CPU cores and no GPU: each "
+                            "process gets a fraction of a core. Use `python train.py`, or "
+                            f"`accelerate launch --num_processes {cores} ...`")
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+        if cfg.threads > cores:
+            print0(accelerator, f"note: --threads {cfg.threads} capped at {cores} (CPU cores)")
+        torch.set_num_threads(min(cfg.threads, cores))
     # accelerate 1.15 asks two questions on every step whose answers cannot change during a
     # run: is the optional lomo_optim package installed (twice per optimizer.step(), ~0.3 ms
     # on a CPU) and does optimizer.zero_grad take set_to_none (inspect.signature, ~0.1 ms).
     # Next to a 6 ms digits step that is 6%; remember the answers.
-    import accelerate.optimizer as accelerate_optimizer
+    accelerate_optimizer = accelerate.optimizer
     if not hasattr(accelerate_optimizer.is_lomo_available, "cache_info"):
         accelerate_optimizer.is_lomo_available = functools.cache(
             accelerate_optimizer.is_lomo_available)
@@ -236,11 +356,13 @@ def make_accelerator(cfg: Config, cpu: bool, run_dir: Path) -> Accelerator:
 
 # ----------------------------------------------------------------------------- data
 
-GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F", "P;L"}
+COLOUR_MODES = {"RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "P", "PA"}
+WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}  # > 8 bits: scaled (PIL's convert clips)
 VAL_SPLITS = ("validation", "valid", "val", "test")
+PROBE_IMAGES = 512  # images whose headers decide colour and size: spread over the whole split
 
 
-def digits_dataset() -> datasets.Dataset:
+def digits_dataset():
     """scikit-learn's bundled 8x8 digits (1,797 images) as an Image/ClassLabel dataset."""
     from sklearn.datasets import load_digits
     digits = load_digits()
@@ -252,54 +374,140 @@ def digits_dataset() -> datasets.Dataset:
         features=features)
 
 
-def load_source(cfg: Config):
-    """Returns a Dataset or DatasetDict for --dataset, or a one-line UsageError."""
+def looks_like_hub_id(name: str) -> bool:
+    return (name != "digits" and not Path(name).expanduser().exists()
+            and not name.startswith((".", "/", "~")) and name.count("/") <= 1)
+
+
+def hub_access(dataset: str) -> str | None:
+    """For a Hub id, before `datasets` is imported: 'offline' (HF_HUB_OFFLINE set), 'online',
+    or 'unreachable', which sets HF_HUB_OFFLINE=1 so that a cached copy loads at once and a
+    missing one fails at once, instead of after ~28 s of retries."""
+    if not looks_like_hub_id(dataset):
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "offline"
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    reached: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host.hostname, host.port or 443), timeout=3).close()
+            reached.append(True)
+        except OSError:
+            pass
+    probe = threading.Thread(target=connect, daemon=True)  # a stuck DNS lookup included
+    probe.start()
+    probe.join(3.5)
+    if reached:
+        return "online"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return "unreachable"
+
+
+def load_source(cfg: Config, hub: str | None):
+    """A Dataset or DatasetDict for --dataset, or a one-line UsageError."""
     if cfg.dataset == "digits":
         return digits_dataset()
     path = Path(cfg.dataset).expanduser()
-    try:
-        if path.is_dir() and any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
-            return datasets.load_from_disk(str(path))
-        if path.is_dir():
-            return datasets.load_dataset("imagefolder", data_dir=str(path))
-    except Exception as e:  # no image files, an empty split folder, a damaged arrow file, ...
-        raise UsageError(f"cannot load {cfg.dataset}: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0]}") from None
-    if path.exists():
+    if path.is_file():
         raise UsageError(f"--dataset {cfg.dataset} is a file; pass a folder of class subfolders, "
                          "a save_to_disk directory, a Hub id or 'digits'")
-    if cfg.dataset.startswith((".", "/", "~")) or cfg.dataset.count("/") > 1:
+    if path.is_dir():
+        try:
+            if any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
+                return datasets.load_from_disk(str(path))
+            # An image folder, or a Hub download (dataset card + parquet/csv/json files):
+            # datasets picks the builder from the files.
+            return datasets.load_dataset(str(path))
+        except Exception as e:  # no image files, an empty split folder, a damaged file, ...
+            raise UsageError(f"cannot load {cfg.dataset}: {first_line(e)}. An image folder holds "
+                             "class subfolders of images, optionally inside train/ and "
+                             "validation/ (or test/)") from None
+    if hub is None:
         raise UsageError(f"--dataset {cfg.dataset}: no such directory")
     try:
         return datasets.load_dataset(cfg.dataset, cfg.dataset_config, revision=cfg.revision)
-    except ConnectionError as e:
-        raise UsageError(
-            f"--dataset {cfg.dataset} is not a local folder and the Hugging Face Hub cannot be "
-            f"reached ({str(e).splitlines()[0]}). Pass a local image folder or save_to_disk "
-            "directory, or, if it was downloaded before, set HF_HUB_OFFLINE=1 to use the cache"
-        ) from None
-    except Exception as e:  # DatasetNotFoundError, bad config name, gated repo, ...
-        raise UsageError(f"cannot load --dataset {cfg.dataset}: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # DatasetNotFoundError, bad config name, gated repo, offline, ...
+        if hub == "online":
+            raise UsageError(f"cannot load --dataset {cfg.dataset}: {first_line(e)}") from None
+        why = ("the Hugging Face Hub cannot be reached from here" if hub == "unreachable" else
+               "HF_HUB_OFFLINE=1 is set, so nothing is downloaded (unset it to download)")
+        raise UsageError(f"--dataset {cfg.dataset} is not in the local cache and {why}; or save "
+                         "it where there is network (load_dataset(...).save_to_disk(DIR)) and "
+                         "pass --dataset DIR") from None
 
 
-def find_column(split: datasets.Dataset, wanted: str | None, kind: type, flag: str) -> str:
-    names = list(split.features)
-    if wanted is not None:
-        if wanted not in names:
-            raise UsageError(f"{flag} {wanted}: no such column; the columns are {names}")
-        return wanted
-    found = [n for n, feature in split.features.items() if isinstance(feature, kind)]
-    if not found and kind is datasets.ClassLabel and "label" in names:
-        return "label"  # plain ints or strings: encoded as classes below
-    if not found:
-        raise UsageError(f"no {kind.__name__} column among {names}; name it with {flag} NAME")
-    return found[0]
+def describe(feature) -> str:
+    if isinstance(feature, datasets.ClassLabel):
+        return "class labels"
+    if isinstance(feature, datasets.Image):
+        return "images"
+    return getattr(feature, "dtype", type(feature).__name__) + " values"
 
 
-def load_splits(cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset, str, str]:
-    """Train and validation splits with an image column (undecoded) and a ClassLabel column."""
-    source = load_source(cfg)
+def find_columns(split, image_column: str | None, label_column: str | None
+                 ) -> tuple[str, str, str]:
+    """The image and label columns, and a line saying which were chosen among which."""
+    features = split.features
+    images = [n for n, f in features.items() if isinstance(f, datasets.Image)]
+    labels = [n for n, f in features.items() if isinstance(f, datasets.ClassLabel)]
+    for flag, wanted in (("--image_column", image_column), ("--label_column", label_column)):
+        if wanted is not None and wanted not in features:
+            raise UsageError(f"{flag} {wanted}: no such column; the columns are "
+                             f"{listing(features)}")
+    if image_column is None:
+        if not images:
+            raise UsageError(f"no Image column among {listing(features)}; name it with "
+                             "--image_column NAME")
+        image_column = "image" if "image" in images else images[0]
+    elif not (image_column in images or getattr(features[image_column], "dtype", "") in (
+            "string", "large_string", "binary", "large_binary")):  # paths or encoded bytes
+        raise UsageError(f"--image_column {image_column} holds "
+                         f"{describe(features[image_column])}, not images; image columns: "
+                         f"{listing(images) or 'none'}")
+    if label_column is None:
+        plain = "label" in features and getattr(features["label"], "dtype", "") != ""
+        if not labels and not plain:
+            raise UsageError(f"no ClassLabel column among {listing(features)}; name it with "
+                             "--label_column NAME")
+        label_column = "label" if "label" in labels or not labels else labels[0]
+    feature = features[label_column]
+    kind = getattr(feature, "dtype", "")
+    if not (isinstance(feature, datasets.ClassLabel) or kind.startswith(("int", "uint"))
+            or kind in ("string", "large_string")) or label_column == image_column:
+        raise UsageError(f"--label_column {label_column} holds {describe(feature)}, not class "
+                         f"labels; label columns: {listing(labels) or 'none'}")
+    others = [n for n in labels if n != label_column]
+    note = f'columns: image column "{image_column}", label column "{label_column}"'
+    if others:
+        note += f" (other label columns: {listing(others)}; --label_column picks one)"
+    return image_column, label_column, note
+
+
+@dataclass
+class Splits:
+    train: object            # datasets.Dataset, images not decoded
+    val: object
+    image_col: str
+    label_col: str
+    class_names: list[str]
+    source_train: object     # the training data before a validation part was held out
+    notes: list[str]
+
+
+def label_counts(split, label_col: str, classes: int):
+    labels = np.asarray(split[label_col])
+    if len(labels) and labels.min() < 0:
+        raise UsageError(f"{int((labels < 0).sum())} images have no label (-1); use labelled "
+                         "data")
+    return np.bincount(labels, minlength=classes)
+
+
+def load_splits(cfg: Config, hub: str | None) -> Splits:
+    """Train and validation splits with an image column (undecoded) and a ClassLabel column
+    whose classes mean the same in both."""
+    source = load_source(cfg, hub)
     if isinstance(source, datasets.DatasetDict):
         if not source:
             raise UsageError(f"--dataset {cfg.dataset} has no splits")
@@ -308,8 +516,7 @@ def load_splits(cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset, str, s
         val = next((source[s] for s in VAL_SPLITS if s in source and s != train_name), None)
     else:
         train, val = source, None
-    image_col = find_column(train, cfg.image_column, datasets.Image, "--image_column")
-    label_col = find_column(train, cfg.label_column, datasets.ClassLabel, "--label_column")
+    image_col, label_col, note = find_columns(train, cfg.image_column, cfg.label_column)
     if len(train) == 0 or (val is not None and len(val) == 0):
         raise UsageError(f"--dataset {cfg.dataset} has an empty split; add images to it")
     if val is not None and not {image_col, label_col} <= set(val.features):
@@ -319,58 +526,143 @@ def load_splits(cfg: Config) -> tuple[datasets.Dataset, datasets.Dataset, str, s
         both = both.class_encode_column(label_col)  # one mapping for every split
         train, val = both["train"], both.get("val")
     classes = train.features[label_col]
-    if val is not None and val.features[label_col] != classes:
-        if not isinstance(val.features[label_col], datasets.ClassLabel):
-            val = val.cast_column(label_col, classes)
-        try:  # same class names in another order or a subset: map them by name
-            val = val.align_labels_with_mapping(
-                {name: i for i, name in enumerate(classes.names)}, label_col)
-        except (KeyError, ValueError):
-            raise UsageError(f"validation classes {val.features[label_col].names} are not "
-                             f"among the training classes {classes.names}") from None
+    if val is not None:
+        val = align_classes(val, label_col, classes.names, "the training classes")
     train = train.cast_column(image_col, datasets.Image(decode=False))
+    source_train = train
     if val is None:
         try:
             parts = train.train_test_split(test_size=cfg.val_fraction, seed=cfg.seed,
                                            stratify_by_column=label_col)
         except ValueError as e:
             raise UsageError(f"cannot hold out --val_fraction {cfg.val_fraction} of "
-                             f"{len(train)} images: {e}") from None
+                             f"{len(train)} images: {first_line(e)}") from None
         train, val = parts["train"], parts["test"]
+    else:  # a class that only the validation data has cannot be learned: say so
+        seen = label_counts(train, label_col, classes.num_classes)
+        asked = label_counts(val, label_col, classes.num_classes)
+        orphans = [f"'{classes.names[i]}' ({asked[i]} images)"
+                   for i in range(classes.num_classes) if asked[i] and not seen[i]]
+        if orphans:
+            raise UsageError(f"validation class {listing(orphans)} has no training images; add "
+                             "training images for it or remove it from the validation data")
     val = val.cast_column(image_col, datasets.Image(decode=False))
-    return train, val, image_col, label_col
+    return Splits(train, val, image_col, label_col, classes.names, source_train, [note])
 
 
-def decode(image: dict, mode: str, size: tuple[int, int], where: str) -> torch.Tensor:
-    """One stored image (bytes or path) -> uint8 C x H x W tensor of the given mode and size."""
+def align_classes(split, label_col: str, names: list[str], whose: str):
+    """Relabel `split` so that its class ids mean `names` (matched by name)."""
+    feature = split.features[label_col]
+    if not isinstance(feature, datasets.ClassLabel):
+        split = split.class_encode_column(label_col)
+        feature = split.features[label_col]
+    if feature.names == names:
+        return split
+    unknown = [n for n in feature.names if n not in names]
+    if unknown:
+        raise UsageError(f"classes {listing(unknown)} are not among {whose} ({listing(names)})")
+    return split.align_labels_with_mapping({name: i for i, name in enumerate(names)}, label_col)
+
+
+def open_image(image: dict):
+    return PIL.Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
+
+
+def unreadable(image: dict, where: str, error: BaseException) -> UsageError:
+    return UsageError(f"cannot read image {image.get('path') or where}: {first_line(error)}. "
+                      "Replace or remove the file")
+
+
+READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError)  # PIL's ways of saying "not an image"
+
+
+def probe_images(split, image_col: str) -> tuple[list[tuple[int, int]], int]:
+    """Displayed (height, width) of up to PROBE_IMAGES images spread over the split, from
+    their headers (nothing is decoded), and how many of them are colour."""
+    n = len(split)
+    rows = sorted({round(i * (n - 1) / max(1, PROBE_IMAGES - 1)) for i in range(PROBE_IMAGES)}
+                  if n > PROBE_IMAGES else range(n))
+    sizes, colour = [], 0
+    for i, image in zip(rows, split.select(rows)[image_col]):
+        try:
+            with open_image(image) as im:
+                turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF: rotated by 90
+                sizes.append(im.size if turned else im.size[::-1])
+                colour += im.mode in COLOUR_MODES
+        except READ_ERRORS as e:
+            raise unreadable(image, f"row {i}", e) from None
+    return sizes, colour
+
+
+def image_properties(cfg: Config, model: str, sizes: list[tuple[int, int]], colour: int
+                     ) -> tuple[dict, str]:
+    """Channels, size and flipping as properties of the dataset, not of one image."""
+    share = colour / len(sizes)
+    channels = cfg.channels or (3 if model != "cnn" or share >= 0.5 else 1)
+    shorter = sorted(min(s) for s in sizes)
+    median = shorter[len(shorter) // 2]
+    fit = "shorter side resized, centre crop"
+    if cfg.image_size:
+        size, how = (cfg.image_size,) * 2, f"{cfg.image_size}x{cfg.image_size} (--image_size; {fit})"
+    elif len(set(sizes)) == 1 and median <= AUTO_SIZE_CAP:
+        size, how = sizes[0], f"all {sizes[0][0]}x{sizes[0][1]}"
+    else:
+        side = min(median, AUTO_SIZE_CAP)
+        size = (side, side)
+        how = (f"{side}x{side} (sizes {min(sizes)[0]}x{min(sizes)[1]} to {max(sizes)[0]}x"
+               f"{max(sizes)[1]}, median shorter side {median}"
+               + (f", capped at {AUTO_SIZE_CAP}" if median > AUTO_SIZE_CAP else "") + f"; {fit})")
+    hflip = cfg.hflip == "yes" or (cfg.hflip == "auto" and share >= 0.5)
+    note = (f"images: {channels} channel{'s' if channels > 1 else ''} ({share:.0%} of "
+            f"{len(sizes)} sampled are colour), {how}, flips {'on' if hflip else 'off'}; "
+            "--channels, --image_size, --hflip override")
+    return {"channels": channels, "image_size": list(size), "hflip": hflip}, note
+
+
+def decode(image: dict, mode: str, size: tuple[int, int], where: str):
+    """One stored image (bytes or path) -> uint8 C x H x W tensor of the given mode and size:
+    EXIF orientation applied, 16-bit pixels scaled to 8 bits, scaled to cover `size` with its
+    aspect ratio kept, then the centre cropped (the torchvision convention; never stretched)."""
+    h, w = size
     try:
-        with PIL.Image.open(io.BytesIO(image["bytes"]) if image["bytes"] else image["path"]) as im:
+        with open_image(image) as im:
+            turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            shown = im.size[::-1] if not turned else im.size  # displayed (height, width)
+            scale = max(h / shown[0], w / shown[1])
+            if im.format == "JPEG" and scale < 0.5:  # decode at 1/2..1/8 scale: photos 4-16x faster
+                im.draft(None, (math.ceil(im.size[0] * scale), math.ceil(im.size[1] * scale)))
+            PIL.ImageOps.exif_transpose(im, in_place=True)
+            if im.mode in WIDE_MODES:  # 0..65535 -> 0..255 (torchvision's to_dtype convention)
+                im = PIL.Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) >> 8)
+                                         .astype(np.uint8))
             pixels = TF.pil_to_tensor(im.convert(mode))
-    except (OSError, SyntaxError, ValueError) as e:
-        raise UsageError(f"cannot read image {image.get('path') or where}: {e}. "
-                         "Replace or remove the file") from None
-    if tuple(pixels.shape[-2:]) != size:
-        pixels = TF.resize(pixels, list(size), antialias=True)
+    except READ_ERRORS as e:
+        raise unreadable(image, where, e) from None
+    ih, iw = pixels.shape[-2:]
+    if (ih, iw) != (h, w):
+        scale = max(h / ih, w / iw)
+        pixels = TF.resize(pixels, [max(h, round(ih * scale)), max(w, round(iw * scale))],
+                           antialias=True)
+        pixels = TF.center_crop(pixels, [h, w])
     return pixels
 
 
-class Decoded(torch.utils.data.Dataset):
+class Decoded:
     """Rows of a split as (uint8 image, label); the decoding runs in loader workers."""
 
-    def __init__(self, split: datasets.Dataset, image_col: str, label_col: str,
-                 mode: str, size: tuple[int, int]):
+    def __init__(self, split, image_col: str, label_col: str, mode: str, size: tuple[int, int]):
         self.split, self.image_col, self.label_col = split, image_col, label_col
         self.mode, self.size = mode, size
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int):
         row = self.split[i]
         return decode(row[self.image_col], self.mode, self.size, f"row {i}"), row[self.label_col]
 
 
-class EpochSampler(torch.utils.data.Sampler):
+class EpochSampler:
     """A permutation that depends only on (seed, epoch). Accelerate's seedable sampler does the
     same but pickles itself, dataset included, into every checkpoint; the epoch number is
     already in our loop state."""
@@ -385,22 +677,25 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.n
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter(epoch_permutation(self.n, self.seed, self.epoch).tolist())
 
 
-class InMemory(torch.utils.data.Dataset):
+def epoch_permutation(n: int, seed: int, epoch: int):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+class InMemory:
     """Memory mode: a whole decoded split as uint8 N x C x H x W images and labels on the
     device. The loader fetches a batch with one indexing op (`__getitems__`): no per-sample
     work and nothing to collate."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+    def __init__(self, images, labels):
         self.images, self.labels = images, labels
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(self, indices: list[int]):
         index = torch.tensor(indices, device=self.labels.device)
         return self.images[index], self.labels[index]
 
@@ -411,80 +706,155 @@ def as_is(batch):  # collate_fn for InMemory: its batches come whole
 
 @dataclass
 class Data:
-    train: DataLoader           # prepared; both yield (uint8 images, labels) on the device
-    val: DataLoader
-    sampler: EpochSampler
+    train: object | None        # prepared loaders; both yield (uint8 images, labels) on the device
+    val: object
+    sampler: EpochSampler       # the training order (its epoch is set directly: see train())
     meta: dict                  # what rebuilds the preprocessing: stored with the weights
-    mode: str                   # memory or stream, as resolved
+    resolved: dict              # what the automatic settings became (config.json "resolved")
     class_names: list[str]
 
 
-def data_meta(cfg: Config, train: datasets.Dataset, image_col: str, label_col: str,
-              model: str) -> dict:
-    first = train[0][image_col]
-    with PIL.Image.open(io.BytesIO(first["bytes"]) if first["bytes"] else first["path"]) as im:
-        gray, (width, height) = im.mode in GRAY_MODES, im.size
-    # torchvision's models take RGB; the small CNN keeps grayscale as one channel.
-    channels = 1 if gray and model == "cnn" else 3
-    size = (cfg.image_size, cfg.image_size) if cfg.image_size else (height, width)
-    return {"image_size": list(size), "channels": channels, "mean": [0.5] * channels,
-            "std": [0.5] * channels, "class_names": train.features[label_col].names,
-            "num_classes": train.features[label_col].num_classes, "model": model,
-            "hflip": cfg.hflip == "yes" or (cfg.hflip == "auto" and not gray),
-            "crop_padding": cfg.crop_padding if cfg.crop_padding >= 0 else min(size) // 8}
-
-
 def worker_count(cfg: Config) -> int:
+    cpus = cpu_count()
     if cfg.num_workers >= 0:
-        return cfg.num_workers
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return min(cfg.num_workers, cpus)
     per_process = cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return max(0, min(8, per_process - 1))
 
 
-def build_data(cfg: Config, accelerator: Accelerator, model: str, meta: dict | None = None) -> Data:
-    with accelerator.main_process_first():  # Hub / imagefolder caches are written once
-        train, val, image_col, label_col = load_splits(cfg)
-    meta = meta or data_meta(cfg, train, image_col, label_col, model)
-    mode, size = ("L" if meta["channels"] == 1 else "RGB"), tuple(meta["image_size"])
-    sets = [Decoded(s, image_col, label_col, mode, size) for s in (train, val)]
-    workers = worker_count(cfg)
-    decoded_gb = (len(train) + len(val)) * meta["channels"] * size[0] * size[1] / 1e9
-    data_mode = cfg.data_mode
-    if data_mode == "auto":
-        data_mode = "memory" if decoded_gb <= cfg.memory_budget_gb else "stream"
-        print0(accelerator, f"data: {data_mode} mode ({decoded_gb:.3f} GB decoded, budget "
-                          f"{cfg.memory_budget_gb} GB)")
+def auto_batch_size(cfg: Config, per_process: int) -> tuple[int, str]:
+    """64 per process, halved (down to 8) until an epoch has MIN_STEPS_PER_EPOCH optimizer
+    steps: 2 steps per epoch barely move a model and leave BatchNorm's averages behind."""
+    batch = 64
+    while batch > 8 and per_process // batch // cfg.gradient_accumulation_steps \
+            < MIN_STEPS_PER_EPOCH:
+        batch //= 2
+    if per_process < batch:
+        return max(1, per_process), (f"note: only {per_process} training images per process, "
+                                     f"fewer than a batch: batch size {max(1, per_process)} "
+                                     "per process (auto)")
+    steps = per_process // batch // cfg.gradient_accumulation_steps
+    note = "" if batch == 64 else (
+        f"note: batch size {batch} per process (auto): {per_process} training images per "
+        f"process make {steps} steps per epoch; --batch_size sets it")
+    return batch, note
+
+
+def decoded_gb(splits: list, meta: dict) -> float:
+    h, w = meta["image_size"]
+    return sum(len(s) for s in splits) * meta["channels"] * h * w / 1e9
+
+
+def make_loader(accelerator, split, image_col: str, label_col: str, meta: dict, mode: str,
+                batch_size: int, workers: int, sampler: EpochSampler | None, seed: int):
+    """A prepared loader of (uint8 images, labels) on the device, from memory or streamed."""
+    dataset = Decoded(split, image_col, label_col, "L" if meta["channels"] == 1 else "RGB",
+                      tuple(meta["image_size"]))
+    if mode == "memory":
+        # Decoded once through the same per-sample path; workers only pay off when large.
+        whole = torch.utils.data.DataLoader(dataset, batch_size=512,
+                                            num_workers=workers if len(dataset) > 5000 else 0,
+                                            worker_init_fn=ignore_stop_signals)
+        parts = [batch for batch in whole]
+        dataset = InMemory(torch.cat([p[0] for p in parts]).to(accelerator.device),
+                           torch.cat([p[1] for p in parts]).to(accelerator.device))
+        opts = dict(collate_fn=as_is)
+    else:
+        opts = dict(num_workers=workers, persistent_workers=workers > 0,
+                    pin_memory=accelerator.device.type == "cuda",
+                    worker_init_fn=ignore_stop_signals)
     # Loader iterators draw their base seed from `generator`; a private one keeps the global
     # RNG (dropout) independent of how many loaders were started, so resumes stay bit-exact.
-    sampler = EpochSampler(len(train), cfg.seed)
-    loaders = []
-    for ds, is_train in zip(sets, (True, False)):
-        if data_mode == "memory":
-            # Decoded once through the same per-sample path; workers only pay off when large.
-            whole = DataLoader(ds, batch_size=512, num_workers=workers if len(ds) > 5000 else 0)
-            parts = [batch for batch in whole]
-            ds = InMemory(torch.cat([p[0] for p in parts]).to(accelerator.device),
-                          torch.cat([p[1] for p in parts]).to(accelerator.device))
-            opts = dict(collate_fn=as_is)
-        else:
-            opts = dict(num_workers=workers, persistent_workers=workers > 0,
-                        pin_memory=accelerator.device.type == "cuda")
-        loader = DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler if is_train else None,
-                            drop_last=is_train, generator=torch.Generator().manual_seed(cfg.seed),
-                            **opts)
-        loaders.append(accelerator.prepare(loader))
-    if len(loaders[0]) == 0:
-        raise UsageError(f"{len(train)} training images make no full batch of --batch_size "
-                         f"{cfg.batch_size} on each of {accelerator.num_processes} processes; "
-                         "lower --batch_size")
-    return Data(loaders[0], loaders[1], sampler, meta, data_mode,
-                train.features[label_col].names)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                         drop_last=sampler is not None,
+                                         generator=torch.Generator().manual_seed(seed), **opts)
+    return accelerator.prepare(loader)
 
+
+def pick_mode(cfg: Config, accelerator, gb: float) -> str:
+    if cfg.data_mode != "auto":
+        return cfg.data_mode
+    mode = "memory" if gb <= cfg.memory_budget_gb else "stream"
+    print0(accelerator, f"data: {mode} mode ({gb:.3f} GB decoded, budget "
+                        f"{cfg.memory_budget_gb} GB)")
+    return mode
+
+
+def build_data(cfg: Config, accelerator, hub: str | None) -> Data:
+    with accelerator.main_process_first():  # Hub / imagefolder caches are written once
+        s = load_splits(cfg, hub)
+    sizes, colour = probe_images(s.source_train, s.image_col)  # the same for every --seed
+    props, note = image_properties(cfg, cfg.model, sizes, colour)
+    h, w = props["image_size"]
+    meta = {**props, "mean": [0.5] * props["channels"], "std": [0.5] * props["channels"],
+            "class_names": s.class_names, "num_classes": len(s.class_names), "model": cfg.model,
+            "crop_padding": cfg.crop_padding if cfg.crop_padding >= 0 else min(h, w) // 8}
+    per_process = len(s.train) // accelerator.num_processes
+    batch_note = ""
+    if cfg.batch_size:
+        batch = cfg.batch_size
+        if per_process < batch:
+            raise UsageError(f"{len(s.train)} training images make no full batch of "
+                             f"--batch_size {batch} on each of {accelerator.num_processes} "
+                             "processes; lower --batch_size (or leave it out: automatic)")
+    else:
+        batch, batch_note = auto_batch_size(cfg, per_process)
+    for line in [*s.notes, note, batch_note]:
+        if line:
+            print0(accelerator, line)
+    mode, workers = pick_mode(cfg, accelerator, decoded_gb([s.train, s.val], meta)), \
+        worker_count(cfg)
+    if cfg.num_workers > workers:
+        print0(accelerator, f"note: --num_workers {cfg.num_workers} capped at {workers} (CPU "
+                            "cores)")
+    sampler = EpochSampler(len(s.train), cfg.seed)
+    args = (s.image_col, s.label_col, meta, mode, batch, workers)
+    train = make_loader(accelerator, s.train, *args, sampler, cfg.seed)
+    val = make_loader(accelerator, s.val, *args, None, cfg.seed)
+    resolved = {"batch_size": batch, "image_size": [h, w], "channels": props["channels"],
+                "hflip": props["hflip"], "crop_padding": meta["crop_padding"],
+                "data_mode": mode, "num_workers": workers, "image_column": s.image_col,
+                "label_column": s.label_col, "train_count": len(s.train),
+                "val_count": len(s.val)}
+    return Data(train, val, sampler, meta, resolved, s.class_names)
+
+
+def load_eval_split(cfg: Config, given: set[str], meta: dict, hub: str | None):
+    """--eval_only: what to evaluate. The weights' own data (no --dataset, no --split): the
+    validation split they were trained with, held out again with the same seed if need be.
+    Otherwise --split of the data, else its validation/test split, else all of it."""
+    own = meta["data"]
+    same = "dataset" not in given or cfg.dataset == own["dataset"]
+    if same:  # the data flags it was trained with, unless given
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in own.items() if k not in given})
+    if same and "split" not in given:
+        s = load_splits(cfg, hub)
+        return s.val, s.image_col, s.label_col, "the validation split of the training data"
+    source = load_source(cfg, hub)
+    if isinstance(source, datasets.DatasetDict):
+        name = cfg.split or next((n for n in VAL_SPLITS if n in source),
+                                 "train" if "train" in source else next(iter(source)))
+        if name not in source:
+            raise UsageError(f"--split {name}: no such split in {cfg.dataset}; its splits are "
+                             f"{listing(source)}")
+        split, what = source[name], f"split '{name}'"
+    elif cfg.split:
+        raise UsageError(f"--split {cfg.split}: {cfg.dataset} has no splits; leave --split out "
+                         "to evaluate all of it")
+    else:
+        split, what = source, "all of it"
+    if len(split) == 0:
+        raise UsageError(f"{what} of {cfg.dataset} is empty")
+    image_col, label_col, _ = find_columns(split, cfg.image_column, cfg.label_column)
+    split = align_classes(split, label_col, meta["class_names"], "the model's classes")
+    split = split.cast_column(image_col, datasets.Image(decode=False))
+    return split, image_col, label_col, f"{what} of {cfg.dataset}"
+
+
+# ----------------------------------------------------------------------------- augmentation
 
 @functools.cache
-def crop_indices(h: int, w: int, padding: int, device: torch.device
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def crop_indices(h: int, w: int, padding: int, device):
     """Flat indices into a zero-padded image: the unshifted h x w window, the same mirrored,
     and the (2p+1)^2 offsets of the shifted windows."""
     wide = w + 2 * padding
@@ -495,7 +865,7 @@ def crop_indices(h: int, w: int, padding: int, device: torch.device
             (shifts.view(-1, 1) * wide + shifts).flatten())
 
 
-def augment(images: torch.Tensor, padding: int, hflip: bool, gen: torch.Generator) -> torch.Tensor:
+def augment(images, padding: int, hflip: bool, gen):
     """Random crop with zero padding and random horizontal flip, per image, on the device: both
     are one gather from the padded batch. On a CPU every op counts (~30 us each next to a small
     model's step), so the indices are cached and the random draws index them."""
@@ -513,15 +883,14 @@ def augment(images: torch.Tensor, padding: int, hflip: bool, gen: torch.Generato
     return padded.gather(2, index.unsqueeze(1).expand(n, c, h * w)).view(n, c, h, w)
 
 
-def normalizer(meta: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def normalizer(meta: dict, device):
     """(scale, shift) with (x / 255 - mean) / std == x * scale - shift, made once per loop."""
     mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
     std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
     return 1 / (255 * std), mean / std
 
 
-def to_input(images: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor],
-             channels_last: bool) -> torch.Tensor:
+def to_input(images, norm, channels_last: bool):
     """uint8 images -> normalized float input."""
     x = images.float().mul_(norm[0]).sub_(norm[1])
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -529,29 +898,27 @@ def to_input(images: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor],
 
 # ----------------------------------------------------------------------------- model
 
-def conv_block(cin: int, cout: int) -> list[nn.Module]:
+def conv_block(cin: int, cout: int) -> list:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
             nn.ReLU(inplace=True)]
 
 
-class CNN(nn.Sequential):
+def cnn(channels: int, num_classes: int, image_size: int):
     """Conv-BN-ReLU blocks that double the width and halve the resolution down to 4 px, a last
     block, global average pooling and a linear head: 99% on 8x8 digits in about a second."""
-
-    def __init__(self, channels: int, num_classes: int, image_size: int):
-        width, size, layers = 16, image_size, conv_block(channels, 16)
-        while size > 4:
-            layers += conv_block(width, min(2 * width, 256)) + [nn.MaxPool2d(2)]
-            width, size = min(2 * width, 256), size // 2
-        layers += conv_block(width, min(2 * width, 256))
-        super().__init__(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    width, size, layers = 16, image_size, conv_block(channels, 16)
+    while size > 4:
+        layers += conv_block(width, min(2 * width, 256)) + [nn.MaxPool2d(2)]
+        width, size = min(2 * width, 256), size // 2
+    layers += conv_block(width, min(2 * width, 256))
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(min(2 * width, 256), num_classes))
 
 
-def build_model(meta: dict) -> nn.Module:
+def build_model(meta: dict, batch_size: int = 2, probe: bool = True):
     name = meta["model"]
     if name == "cnn":
-        return CNN(meta["channels"], meta["num_classes"], min(meta["image_size"]))
+        return cnn(meta["channels"], meta["num_classes"], min(meta["image_size"]))
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:
         close = difflib.get_close_matches(name, known + ["cnn"], n=3)
@@ -561,17 +928,28 @@ def build_model(meta: dict) -> nn.Module:
     extra = {"aux_logits": False} if name in ("googlenet", "inception_v3") else {}
     model = torchvision.models.get_model(name, weights=None, num_classes=meta["num_classes"],
                                          **extra)
+    if not probe:
+        return model
+    shape = f"{meta['channels']}x{meta['image_size'][0]}x{meta['image_size'][1]}"
     try:  # e.g. inception_v3 needs 75 px or more: say so now, not as a traceback mid-run
         with torch.no_grad():
-            model.eval()(torch.zeros(2, meta["channels"], *meta["image_size"]))
-    except (RuntimeError, ValueError) as e:
-        raise UsageError(f"--model {name} cannot take {meta['channels']}x{meta['image_size'][0]}"
-                         f"x{meta['image_size'][1]} images ({str(e).splitlines()[0]}); "
-                         "raise --image_size") from None
+            model.eval()(torch.zeros(1, meta["channels"], *meta["image_size"]))
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise UsageError(f"--model {name} cannot take {shape} images ({first_line(e)}); "
+                         "choose another --image_size") from None
+    if batch_size == 1:  # BatchNorm cannot normalize one value per channel
+        try:
+            with torch.no_grad():
+                torchvision.models.get_model(name, num_classes=meta["num_classes"], **extra
+                                             ).train()(torch.zeros(1, meta["channels"],
+                                                                   *meta["image_size"]))
+        except ValueError as e:
+            raise UsageError(f"--batch_size 1 is too small for --model {name} at {shape} "
+                             f"({first_line(e)}); use --batch_size 2 or more") from None
     return model.train()
 
 
-def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(cfg: Config, model):
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -597,14 +975,32 @@ def lr_at(step: int, total: int, cfg: Config) -> float:
 @dataclass
 class LoopState:
     """All mutable training state besides Accelerate's; stored as JSON in every checkpoint."""
-    epoch: int = 0              # current epoch (0-based)
+    epoch: int = 0              # epochs finished (the current one, 0-based)
     batch: int = 0              # micro-batches of this epoch already trained, per process
     step: int = 0               # optimizer steps so far
+    evaluated: int = 0          # epochs whose evaluation is done (it follows their checkpoint)
     best_val_acc: float = -1.0
     skipped_steps: int = 0      # steps dropped by --nan_policy skip
     train_time_s: float = 0.0   # summed over resumes
     epoch_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss*n, correct, n
     last_metrics: dict = field(default_factory=dict)  # the last finished epoch's metrics
+
+
+def check_loop_state(state: LoopState, batches: int, accum: int, where: Path) -> None:
+    """A checkpoint's loop state must be one this run can reach: a batch index past the epoch
+    would make the resumed loop skip forever."""
+    per_epoch = -(-batches // accum)
+    if not (state.epoch >= 0 and 0 <= state.batch < batches and 0 <= state.evaluated
+            <= state.epoch and state.step == state.epoch * per_epoch + -(-state.batch // accum)):
+        raise UsageError(f"{where / 'loop_state.json'} does not fit this run (epoch "
+                         f"{state.epoch}, batch {state.batch} of {batches}, step {state.step}): "
+                         "damaged or edited; --resume another checkpoint")
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, obj) -> None:
@@ -646,7 +1042,7 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted((p for p in found if p.name[5:].isdigit()), key=lambda p: p.name, reverse=True)
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: LoopState, identity: dict,
+def save_checkpoint(accelerator, run_dir: Path, state: LoopState, identity: dict,
                     keep: int) -> Path:
     """Crash-safe: every process writes into a temporary directory, the main process records
     the manifest last, renames the directory into place, and only then prunes old ones."""
@@ -658,9 +1054,19 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: LoopState, i
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # model, optimizer, scaler, RNG of every process
+    try:
+        accelerator.save_state(str(tmp))  # model, optimizer, scaler, RNG of every process
+    except Exception as e:  # torch.save reports a full disk as "file write failed"
+        if shutil.disk_usage(root).free > 4 * sum(p.stat().st_size for p in tmp.iterdir()) \
+                + 2**20:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from e
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        mode = 0o666 & ~current_umask()  # safetensors writes 0600 whatever the umask
+        for p in tmp.iterdir():
+            p.chmod(mode)
         files = {p.name: [p.stat().st_size, file_digest(p)] for p in sorted(tmp.iterdir())}
         write_json(tmp / "loop_state.json", {"loop": asdict(state), "identity": identity,
                                              "files": files})
@@ -696,52 +1102,73 @@ def pick_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
     return None
 
 
+def lock_run_dir(run_dir: Path):
+    """An exclusive lock on run_dir/.lock, held until this process ends: the OS drops it on
+    any exit, kill -9 included, so a lock is never stale. Returns the open file (the lock)."""
+    lock = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):  # e.g. Lustre mounted without flock
+            print(f"warning: cannot lock {run_dir} ({e.strerror}): two runs in this directory "
+                  "are not prevented", flush=True)
+            return lock
+        lock.seek(0)
+        holder = lock.read().strip() or "starting"
+        lock.close()
+        raise UsageError(f"{run_dir} is in use by another run ({holder}); wait for it to end "
+                         "or use another --output_dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"host {socket.gethostname()}, pid {os.getpid()}, since "
+               f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n")
+    lock.flush()
+    return lock
+
+
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "model.safetensors", "checkpoints",
              "tensorboard")
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path, identity: dict, accelerator: Accelerator
-                    ) -> Path | None:
-    """Decide, identically on every process, whether this is a new run, a resume, or another
-    run's directory (refused). Returns the checkpoint to resume from, if any."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write_test_{accelerator.process_index}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"cannot write to --output_dir {run_dir}: {e}") from None
+def prepare_run_dir(cfg: Config, run_dir: Path, identity: dict, accelerator
+                    ) -> tuple[Path | None, object]:
+    """Lock the directory, then decide, identically on every process, whether this is a new run,
+    a resume, or another run's directory (refused). Returns the checkpoint to resume from, if
+    any, and the lock (held by the main process)."""
+    answer, lock = [""], None
+    if accelerator.is_main_process:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = lock_run_dir(run_dir)
+            answer = [str(pick_checkpoint(cfg, run_dir) or "") if not cfg.overwrite else ""]
+        except OSError as e:
+            answer = [UsageError(f"cannot write to --output_dir {run_dir}: {e}")]
+        except UsageError as e:  # in use, or a damaged --resume PATH
+            answer = [e]
+    accelerate.utils.broadcast_object_list(answer)  # the main process hashes; all follow
+    if isinstance(answer[0], UsageError):
+        raise answer[0]
+    resume = Path(answer[0]) if answer[0] else None
+    if resume is not None:
+        saved = json.loads((resume / "loop_state.json").read_text())["identity"]
+        diff = [k for k in identity if saved.get(k) != identity[k]]
+        if diff:
+            raise UsageError(
+                f"checkpoint {resume} belongs to a different run: " + "; ".join(
+                    f"{k} was {saved.get(k)!r}, now {identity[k]!r}" for k in diff)
+                + ". Use the same settings, another --output_dir, or --resume none --overwrite")
+        if (run_dir / "results.json").exists() and cfg.resume == "auto":
+            raise UsageError(f"{run_dir} holds a finished run (results.json); use another "
+                             "--output_dir, or --overwrite to train it again")
+        return resume, lock
     old = {}
     if (run_dir / "config.json").exists():
         try:
             old = json.loads((run_dir / "config.json").read_text()).get("identity", {})
         except ValueError:
             old = {"unreadable": True}
-    # The main process hashes the checkpoints (once, not once per process) and shares its pick.
-    pick: list = [None]
-    if accelerator.is_main_process and not cfg.overwrite:
-        try:
-            pick = [str(pick_checkpoint(cfg, run_dir) or "")]
-        except UsageError as e:
-            pick = [e]
-    broadcast_object_list(pick)
-    if isinstance(pick[0], UsageError):
-        raise pick[0]
-    resume = Path(pick[0]) if pick[0] else None
-    if resume is not None:
-        saved = json.loads((resume / "loop_state.json").read_text())["identity"]
-        diff = [k for k in RUN_IDENTITY if saved.get(k) != identity.get(k)]
-        if diff:
-            raise UsageError(
-                f"checkpoint {resume} belongs to a different run: " + "; ".join(
-                    f"{k} was {saved.get(k)!r}, now {identity.get(k)!r}" for k in diff)
-                + ". Use the same settings, another --output_dir, or --resume none --overwrite")
-        if (run_dir / "results.json").exists() and cfg.resume == "auto":
-            raise UsageError(f"{run_dir} holds a finished run (results.json); use another "
-                             "--output_dir, or --overwrite to train it again")
-        return resume
     other = [f for f in RUN_FILES if (run_dir / f).exists()]
-    same = old and all(old.get(k) == identity.get(k) for k in RUN_IDENTITY)
+    same = old and all(old.get(k) == identity[k] for k in identity)
     finished = "results.json" in other or "model.safetensors" in other
     if other and not cfg.overwrite and (finished or not same or checkpoints(run_dir)):
         raise UsageError(f"{run_dir} already holds another run ({', '.join(other)}); use another "
@@ -751,76 +1178,114 @@ def prepare_run_dir(cfg: Config, run_dir: Path, identity: dict, accelerator: Acc
         for f in other:
             target = run_dir / f
             shutil.rmtree(target) if target.is_dir() else target.unlink()
-    return None
+    return None, lock
 
 
 class MetricsLog:
     """metrics.jsonl (main process) plus the Accelerate trackers; one event per line."""
 
-    def __init__(self, accelerator: Accelerator, run_dir: Path, resumed_step: int | None):
+    def __init__(self, accelerator, run_dir: Path, resumed: LoopState | None):
         self.accelerator, self.path = accelerator, run_dir / "metrics.jsonl"
         if accelerator.is_main_process and self.path.exists():
-            # Keep what happened up to the checkpoint; drop the rest (and any torn last line).
+            # Keep what happened up to the checkpoint; drop the rest (and any torn last line),
+            # and an evaluation that the resumed run will repeat.
             kept = []
             for line in self.path.read_text().splitlines():
                 try:
                     event = json.loads(line)
                 except ValueError:
                     continue
-                if resumed_step is not None and event["step"] <= resumed_step:
+                if resumed is not None and (event["step"] < resumed.step or (
+                        event["step"] == resumed.step and not (
+                            event["event"] == "eval" and resumed.evaluated < resumed.epoch))):
                     kept.append(line + "\n")
             tmp = self.path.with_name("metrics.jsonl.tmp")
             tmp.write_text("".join(kept))
             os.replace(tmp, self.path)
 
-    def __call__(self, event: str, state: LoopState, **values) -> None:
+    def __call__(self, event: str, step: int, epoch: int, **values) -> None:
+        """`epoch`: 1-based, the epoch in progress (train) or just finished (eval)."""
         if self.accelerator.is_main_process:
             with open(self.path, "a") as f:
-                f.write(json.dumps({"event": event, "step": state.step, "epoch": state.epoch,
-                                    **values}) + "\n")
+                f.write(json.dumps({"event": event, "step": step, "epoch": epoch, **values})
+                        + "\n")
         scalars = {f"{event}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
-        self.accelerator.log(scalars, step=state.step)
+        self.accelerator.log(scalars, step=step)
 
 
-def save_weights(model: nn.Module, path: Path, meta: dict) -> None:
+def save_weights(model, path: Path, meta: dict) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     # One metadata key holding sorted JSON: safetensors orders several keys differently per run.
-    save_file(state, str(tmp), metadata={"train_py": json.dumps(meta, sort_keys=True)})
+    safetensors.torch.save_file(state, str(tmp),
+                                metadata={"train_py": json.dumps(meta, sort_keys=True)})
+    tmp.chmod(0o666 & ~current_umask())  # safetensors writes 0600 whatever the umask
     os.replace(tmp, path)
+
+
+def check_meta(meta) -> dict:
+    """The weights' metadata drives allocations (image size, class count): check it first."""
+    def ok() -> bool:
+        size, c, k = meta["image_size"], meta["channels"], meta["num_classes"]
+        return (isinstance(meta["model"], str) and c in (1, 3) and len(size) == 2
+                and all(isinstance(v, int) and 1 <= v <= MAX_IMAGE_SIZE for v in size)
+                and isinstance(k, int) and 1 <= k <= 1_000_000
+                and len(meta["class_names"]) == k and len(meta["mean"]) == len(meta["std"]) == c
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in meta["mean"])
+                and all(isinstance(v, (int, float)) and v > 0 for v in meta["std"])
+                and isinstance(meta["crop_padding"], int) and isinstance(meta["hflip"], bool)
+                and isinstance(meta["data"]["dataset"], str))
+    try:
+        if ok():
+            return meta
+    except (KeyError, TypeError, ValueError):
+        pass
+    raise ValueError("its train_py metadata is incomplete or out of range")
 
 
 def read_weights(path: str) -> tuple[dict, dict]:
     p = Path(path)
     p = p / "model.safetensors" if p.is_dir() else p
     try:
-        with safe_open(str(p), "pt") as f:
-            meta = json.loads(f.metadata()["train_py"])
-        return load_file(str(p)), meta
-    except (OSError, KeyError, ValueError, TypeError) as e:
+        with safetensors.safe_open(str(p), "pt") as f:
+            meta = check_meta(json.loads(f.metadata()["train_py"]))
+        return safetensors.torch.load_file(str(p)), meta
+    except Exception as e:  # not a file, not safetensors (SafetensorError), no/odd metadata
         raise UsageError(f"--weights {path}: not a model.safetensors written by train.py "
-                         f"({type(e).__name__}: {e})") from None
+                         f"({first_line(e)})") from None
+
+
+def check_weights(weights: dict, meta: dict, path: str) -> None:
+    """The tensors must fit the model the metadata describes (built without memory first)."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_model(meta, probe=False)
+                    .state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in weights.items()}
+    if expected != found:
+        wrong = sorted(set(expected) ^ set(found) | {k for k in expected if k in found
+                                                     and expected[k] != found[k]})
+        raise UsageError(f"--weights {path}: the tensors do not fit a {meta['model']} with "
+                         f"{meta['num_classes']} classes ({listing(wrong, 4)})")
 
 
 # ----------------------------------------------------------------------------- the loop
 
-def peak_memory_mb(accelerator: Accelerator) -> tuple[float, float]:
+def peak_memory_mb(accelerator) -> tuple[float, float]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     dev = torch.cuda.max_memory_allocated() / 2**20 if accelerator.device.type == "cuda" else 0.0
     peaks = accelerator.reduce(torch.tensor([rss, dev], device=accelerator.device), "max")
     return tuple(round(v, 1) for v in peaks.tolist())
 
 
-@torch.no_grad()
-def evaluate(accelerator: Accelerator, model: nn.Module, loader: DataLoader, meta: dict,
-             channels_last: bool) -> dict:
+def evaluate(accelerator, model, loader, meta: dict, channels_last: bool) -> dict:
     """Exact over processes: per-sample values gathered on every batch (which drops the
     padding duplicates of the last batches), summed, divided by the true count."""
     model.eval()
     norm = normalizer(meta, accelerator.device)
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     for images, labels in loader:
-        logits = model(to_input(images, norm, channels_last)).float()
+        with torch.no_grad():
+            logits = model(to_input(images, norm, channels_last)).float()
         losses = F.cross_entropy(logits, labels, reduction="none")
         losses, correct = accelerator.gather_for_metrics((losses, logits.argmax(1) == labels))
         totals += torch.stack([losses.double().sum(), correct.double().sum(),
@@ -830,38 +1295,55 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader: DataLoader, met
     return {"val_loss": loss_sum / count, "val_acc": correct / count, "val_count": int(count)}
 
 
-class StopFlag:
-    """Signal handlers only set this; the processes agree on it at the next step boundary."""
+def precise_bn(cfg: Config, accelerator, model, data: Data, epoch: int) -> None:
+    """Recompute BatchNorm's running statistics for the current weights (torch's update_bn)
+    from up to --precise_bn training images, averaged over processes. The running averages
+    trail the weights: after 16 steps eval mode still predicted one class."""
+    net = accelerator.unwrap_model(model)
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or not cfg.precise_bn:
+        return
+    dataset, ranks = data.train.dataset, accelerator.num_processes
+    picked = epoch_permutation(len(dataset), cfg.seed, epoch)[:cfg.precise_bn]
+    mine = picked[accelerator.process_index::ranks][:len(picked) // ranks].tolist()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, mine), batch_size=data.resolved["batch_size"],
+        collate_fn=as_is if isinstance(dataset, InMemory) else None,
+        num_workers=data.resolved["num_workers"] if isinstance(dataset, Decoded) else 0,
+        worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(cfg.seed))
+    norm = normalizer(data.meta, accelerator.device)
+    with torch.no_grad():
+        torch.optim.swa_utils.update_bn(
+            (to_input(images.to(accelerator.device), norm, cfg.channels_last)
+             for images, _ in loader), net)
+        stats = torch.cat([t for m in norms for t in (m.running_mean, m.running_var)])
+        stats = accelerator.reduce(stats, "mean")  # every process evaluates the same model
+        for m in norms:
+            n = m.num_features
+            m.running_mean.copy_(stats[:n])
+            m.running_var.copy_(stats[n:2 * n])
+            stats = stats[2 * n:]
 
-    def __init__(self, names: str):
-        self.signal: str | None = None
-        self.previous = {}
-        for name in filter(None, (n.strip().upper() for n in names.split(","))):
-            signum = getattr(signal, name if name.startswith("SIG") else "SIG" + name, None)
-            if signum is None:
-                raise UsageError(f"--stop_signals: unknown signal {name}")
-            self.previous[signum] = signal.signal(signum, self.handle)
 
-    def handle(self, signum, frame) -> None:
-        self.signal = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-
-def train(cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, data: Data,
-          state: LoopState, run_dir: Path, identity: dict, log: MetricsLog, stop: StopFlag
-          ) -> int:
+def train(cfg: Config, accelerator, model, optimizer, data: Data, state: LoopState,
+          run_dir: Path, identity: dict, log: MetricsLog, stop: StopFlag) -> int:
     loader, meta, rank = data.train, data.meta, accelerator.process_index
     batches = len(loader)                     # micro-batches per process per epoch
     accum = cfg.gradient_accumulation_steps
     tail = batches % accum                    # micro-batches in a short last group, if any
-    total_steps = math.ceil(batches / accum) * cfg.epochs
+    total_steps = -(-batches // accum) * cfg.epochs
     images_per_step = cfg.batch_size * accum * accelerator.num_processes
     interactive = accelerator.is_main_process and sys.stderr.isatty()
     aug = torch.Generator(device=accelerator.device)
     norm = normalizer(meta, accelerator.device)
+    flag = torch.tensor([float(stop.signal is not None)], device=accelerator.device)
+    if accelerator.reduce(flag).item():  # a signal came during start-up, on some process
+        print0(accelerator, f"stopped by {stop.signal or 'a signal to another process'} before "
+                            f"training started: nothing new to save; exit {EXIT_PREEMPTED}, "
+                            "the same command resumes")
+        return EXIT_PREEMPTED
+    if state.evaluated < state.epoch:  # resumed from an epoch end whose evaluation failed
+        evaluate_epoch(cfg, accelerator, model, data, state, log)
 
     while state.epoch < cfg.epochs:
         model.train()
@@ -878,8 +1360,8 @@ def train(cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, da
         micro_batches = 0
         bar = tqdm(epoch_loader, total=batches, initial=state.batch, disable=not interactive,
                    desc=f"epoch {state.epoch + 1}/{cfg.epochs}", leave=False)
-        t_epoch = t_log = t_train = time.perf_counter()
-        steps_since_log = 0
+        clock = {"epoch": time.perf_counter(), "log": time.perf_counter(),
+                 "train": time.perf_counter(), "log_steps": 0}
         for images, labels in bar:
             aug.manual_seed(hash((cfg.seed, state.epoch, state.batch, rank)) % 2**62)
             images = augment(images, meta["crop_padding"], meta["hflip"], aug)
@@ -917,154 +1399,213 @@ def train(cfg: Config, accelerator: Accelerator, model: nn.Module, optimizer, da
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
-            steps_since_log += 1
             if not nonfinite:  # the epoch's running sums, the same on every process
-                n = cfg.batch_size  # drop_last: every micro-batch on every process is full
-                seen = micro_batches * n * accelerator.num_processes
-                state.epoch_sums = [a + b for a, b in
-                                    zip(state.epoch_sums, (loss_sum * n, correct, seen))]
+                seen = micro_batches * cfg.batch_size * accelerator.num_processes  # drop_last
+                state.epoch_sums = [a + b for a, b in zip(
+                    state.epoch_sums, (loss_sum * cfg.batch_size, correct, seen))]
             step_sums.zero_()
             micro_batches = 0
-            end_of_epoch = state.batch == batches
-            checkpoint = end_of_epoch or stopping or (
-                cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0)
-            log_now = cfg.log_every and state.step % cfg.log_every == 0 and not end_of_epoch
-            if log_now and state.epoch_sums[2]:
-                loss_sum, correct, count = state.epoch_sums
-                rate = images_per_step * steps_since_log / (time.perf_counter() - t_log)
-                t_log, steps_since_log = time.perf_counter(), 0
-                lr = optimizer.param_groups[0]["lr"]
-                log("train", state, loss=loss_sum / count, acc=correct / count, lr=lr,
-                    images_per_s=round(rate, 1))
-                if interactive:
-                    bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.2%}")
-                else:
-                    print0(accelerator, f"epoch {state.epoch + 1} step {state.step}/{total_steps}"
-                                      f"  loss {loss_sum / count:.4f} acc {correct / count:.2%}"
-                                      f"  lr {lr:.4g}  {rate:.0f} img/s")
-            if checkpoint:  # train time excludes evaluation and saving, and survives resumes
-                state.train_time_s += time.perf_counter() - t_train
-            if end_of_epoch:
-                bar.close()
-                finish_epoch(cfg, accelerator, model, data, state, t_epoch, log)
-            if checkpoint:
-                path = save_checkpoint(accelerator, run_dir, state, identity,
-                                       cfg.keep_checkpoints)
-                t_train = time.perf_counter()
+            after = after_step(cfg, accelerator, model, optimizer, data, state, run_dir,
+                               identity, log, bar, clock, total_steps, images_per_step, batches,
+                               stopping, interactive)
             if stopping:
                 print0(accelerator, f"stopped by {stop.signal or 'a signal to another process'} "
-                                  f"at step {state.step}: saved {path}; exit {EXIT_PREEMPTED}, "
-                                  "the same command resumes")
+                                    f"at step {state.step}: saved {after}; exit "
+                                    f"{EXIT_PREEMPTED}, the same command resumes")
                 return EXIT_PREEMPTED
     return EXIT_OK
 
 
-def finish_epoch(cfg: Config, accelerator: Accelerator, model: nn.Module, data: Data,
-                 state: LoopState, t_epoch: float, log: MetricsLog) -> None:
-    """Evaluate, report the epoch, and move the loop state to the start of the next one."""
+def after_step(cfg: Config, accelerator, model, optimizer, data: Data, state: LoopState,
+               run_dir: Path, identity: dict, log: MetricsLog, bar, clock: dict,
+               total_steps: int, images_per_step: int, batches: int, stopping: bool,
+               interactive: bool) -> Path | None:
+    """Log, end the epoch, checkpoint, evaluate: what follows an optimizer step. The epoch's
+    checkpoint comes before its evaluation, so an evaluation that fails loses no training."""
+    clock["log_steps"] += 1
+    end_of_epoch = state.batch == batches
+    checkpoint = end_of_epoch or stopping or (
+        cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0)
+    if cfg.log_every and state.step % cfg.log_every == 0 and not end_of_epoch \
+            and state.epoch_sums[2]:
+        loss_sum, correct, count = state.epoch_sums
+        rate = images_per_step * clock["log_steps"] / (time.perf_counter() - clock["log"])
+        clock["log"], clock["log_steps"] = time.perf_counter(), 0
+        lr = optimizer.param_groups[0]["lr"]
+        log("train", state.step, state.epoch + 1, loss=loss_sum / count, acc=correct / count,
+            lr=lr, images_per_s=round(rate, 1))
+        if interactive:
+            bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.2%}")
+        else:
+            print0(accelerator, f"epoch {state.epoch + 1} step {state.step}/{total_steps}"
+                                f"  loss {loss_sum / count:.4f} acc {correct / count:.2%}"
+                                f"  lr {lr:.4g}  {rate:.0f} img/s")
+    if not checkpoint:
+        return None
+    # train time excludes evaluation and saving, and survives resumes
+    state.train_time_s += time.perf_counter() - clock["train"]
+    if end_of_epoch:
+        bar.close()
+        end_epoch(accelerator, state, clock["epoch"])
+    path = save_checkpoint(accelerator, run_dir, state, identity, cfg.keep_checkpoints)
+    if state.evaluated < state.epoch:
+        evaluate_epoch(cfg, accelerator, model, data, state, log)
+    clock["train"] = time.perf_counter()
+    return path
+
+
+def end_epoch(accelerator, state: LoopState, t_epoch: float) -> None:
+    """Close the epoch's training metrics and move the loop state to the next epoch."""
     epoch_time = time.perf_counter() - t_epoch
     loss_sum, correct, count = state.epoch_sums
     count = count or math.nan  # every step of the epoch skipped (--nan_policy skip)
-    metrics = {"train_loss": loss_sum / count, "train_acc": correct / count,
+    rate = count / epoch_time
+    state.last_metrics = {"train_loss": loss_sum / count, "train_acc": correct / count,
+                          "epoch_time_s": round(epoch_time, 3), "images_per_s": round(rate, 1),
+                          "images_per_s_per_process": round(rate / accelerator.num_processes, 1)}
+    state.epoch, state.batch, state.epoch_sums = state.epoch + 1, 0, [0.0] * 3
+
+
+def evaluate_epoch(cfg: Config, accelerator, model, data: Data, state: LoopState,
+                   log: MetricsLog) -> None:
+    """Evaluate the epoch just finished (after its checkpoint) and report it."""
+    precise_bn(cfg, accelerator, model, data, state.epoch)
+    metrics = {**state.last_metrics,
                **evaluate(accelerator, model, data.val, data.meta, cfg.channels_last)}
     model.train()
-    rss, dev = peak_memory_mb(accelerator)
-    rate = count / epoch_time
-    metrics.update(epoch_time_s=round(epoch_time, 3), images_per_s=round(rate, 1),
-                   images_per_s_per_process=round(rate / accelerator.num_processes, 1),
-                   peak_rss_mb=rss, peak_device_mb=dev)
-    state.epoch, state.batch, state.epoch_sums = state.epoch + 1, 0, [0.0] * 3
+    metrics["peak_rss_mb"], metrics["peak_device_mb"] = peak_memory_mb(accelerator)
+    state.evaluated, state.last_metrics = state.epoch, metrics
     state.best_val_acc = max(state.best_val_acc, metrics["val_acc"])
-    state.last_metrics = metrics
-    log("eval", state, **metrics)
-    print0(accelerator, 
-        f"epoch {state.epoch}/{cfg.epochs}  train loss {metrics['train_loss']:.4f} "
-        f"acc {metrics['train_acc']:.2%}  val loss {metrics['val_loss']:.4f} "
-        f"acc {metrics['val_acc']:.2%}  {epoch_time:.2f}s  {rate:.0f} img/s "
-        f"({rate / accelerator.num_processes:.0f}/process)  peak {rss:.0f} MB")
+    log("eval", state.step, state.epoch, **metrics)
+    rate = metrics["images_per_s"]
+    print0(accelerator,
+           f"epoch {state.epoch}/{cfg.epochs}  train loss {metrics['train_loss']:.4f} "
+           f"acc {metrics['train_acc']:.2%}  val loss {metrics['val_loss']:.4f} "
+           f"acc {metrics['val_acc']:.2%}  {metrics['epoch_time_s']:.2f}s  {rate:.0f} img/s "
+           f"({rate / accelerator.num_processes:.0f}/process)  peak "
+           f"{metrics['peak_rss_mb']:.0f} MB")
 
 
 # ----------------------------------------------------------------------------- main
 
-def resolve_run_dir(cfg: Config, suffix: str) -> Path:
+def resolve_run_dir(cfg: Config, suffix: str) -> tuple[Path, bool]:
+    """--output_dir, or a new runs/<date>-<time>-<suffix>[-N] made here (mkdir is atomic, so
+    two runs started in the same second get two directories). Returns (path, made here)."""
     if cfg.output_dir:
-        return Path(cfg.output_dir).expanduser()
-    name = [f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}-{suffix}"]
-    broadcast_object_list(name)  # every process must use the main process's name
-    return Path(name[0])
+        return Path(cfg.output_dir).expanduser(), False
+    name = [None]
+    if accelerate.PartialState().is_main_process:
+        base = f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}-{suffix}"
+        for n in range(1, 10_000):
+            try:
+                Path(f"{base}-{n}" if n > 1 else base).mkdir(parents=True)
+                name = [f"{base}-{n}" if n > 1 else base]
+                break
+            except FileExistsError:
+                continue
+    accelerate.utils.broadcast_object_list(name)  # every process uses the main process's name
+    return Path(name[0]), True
 
 
 def versions() -> dict:
-    import accelerate
     return {"python": sys.version.split()[0], "torch": torch.__version__,
             "torchvision": torchvision.__version__, "accelerate": accelerate.__version__,
             "datasets": datasets.__version__}
 
 
-def run_training(cfg: Config, accelerator: Accelerator, run_dir: Path, t_start: float) -> int:
-    data = build_data(cfg, accelerator, cfg.model)
-    meta = {**data.meta, "data": {k: getattr(cfg, k) for k in (
-        "dataset", "dataset_config", "revision", "image_column", "label_column",
-        "val_fraction", "seed")}}
-    identity = {**{k: getattr(cfg, k) for k in RUN_IDENTITY if hasattr(cfg, k)},
-                "image_size": meta["image_size"], "num_classes": meta["num_classes"],
-                "num_processes": accelerator.num_processes,
-                "train_count": len(data.sampler), "val_count": len(data.val.dataset)}
-    resume = prepare_run_dir(cfg, run_dir, identity, accelerator)
-    accelerate_set_seed(cfg.seed)
-    model = build_model(meta)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(cfg, model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    state = LoopState()
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        state = LoopState(**json.loads((resume / "loop_state.json").read_text())["loop"])
-        print0(accelerator, f"resumed from {resume} (epoch {state.epoch + 1}, batch {state.batch}"
-                          f", step {state.step})")
-        if (run_dir / "config.json").exists():
-            before = json.loads((run_dir / "config.json").read_text())["config"]
-            changed = [f"--{k} {before.get(k)} -> {v}" for k, v in asdict(cfg).items()
-                       if before.get(k) != v and k not in ("resume", "overwrite", "output_dir")]
-            if changed:
-                print0(accelerator, "note: changed since the run began: " + ", ".join(changed))
-    hosts = gather_object([os.uname().nodename])
+def run_training(cfg: Config, accelerator, run_dir: Path, hub: str | None, stop: StopFlag,
+                 t_start: float) -> int:
+    asked = cfg
+    data = build_data(cfg, accelerator, hub)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in data.resolved.items()
+                                      if k in Config.__dataclass_fields__ and k != "image_size"},
+                              image_size=max(data.resolved["image_size"]),
+                              output_dir=str(run_dir), threads=torch.get_num_threads(),
+                              mixed_precision=accelerator.mixed_precision)
+    meta = {**data.meta, "data": {
+        "dataset": cfg.dataset, "dataset_config": cfg.dataset_config, "revision": cfg.revision,
+        "image_column": cfg.image_column, "label_column": cfg.label_column,
+        "val_fraction": cfg.val_fraction, "seed": cfg.seed}}
+    identity = {"dataset": cfg.dataset, "dataset_config": cfg.dataset_config,
+                "revision": cfg.revision, "model": cfg.model, "seed": cfg.seed,
+                "image_size": meta["image_size"], "channels": meta["channels"],
+                "batch_size": cfg.batch_size,
+                "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+                "num_processes": accelerator.num_processes, "num_classes": meta["num_classes"],
+                "train_count": data.resolved["train_count"]}
+    resume, lock = prepare_run_dir(cfg, run_dir, identity, accelerator)
+    try:
+        accelerate.utils.set_seed(cfg.seed)
+        model = build_model(meta, cfg.batch_size)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = make_optimizer(cfg, model)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        state = LoopState()
+        if resume is not None:
+            try:
+                state = LoopState(**json.loads((resume / "loop_state.json").read_text())["loop"])
+            except (TypeError, ValueError) as e:
+                raise UsageError(f"{resume / 'loop_state.json'} is damaged ({first_line(e)}); "
+                                 "--resume another checkpoint") from None
+            check_loop_state(state, len(data.train), cfg.gradient_accumulation_steps, resume)
+            accelerator.load_state(str(resume))
+            print0(accelerator, f"resumed from {resume} (epoch {state.epoch + 1}, batch "
+                                f"{state.batch}, step {state.step})")
+            note_changes(accelerator, asked, run_dir)
+        write_config(asked, cfg, accelerator, run_dir, identity, data, resume)
+        log = MetricsLog(accelerator, run_dir, state if resume is not None else None)
+        if cfg.report_to != "none":
+            accelerator.init_trackers(cfg.report_to if cfg.report_to != "all" else "train",
+                                      config=tracker_config(cfg))
+        try:
+            code = train(cfg, accelerator, model, optimizer, data, state, run_dir, identity,
+                         log, stop)
+            if code == EXIT_OK:
+                write_results(cfg, accelerator, model, data, state, run_dir, meta,
+                              time.perf_counter() - t_start, resume)
+            return code
+        finally:
+            accelerator.end_training()  # trackers closed, process group destroyed
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def note_changes(accelerator, asked: Config, run_dir: Path) -> None:
+    if not (run_dir / "config.json").exists():
+        return
+    before = json.loads((run_dir / "config.json").read_text())["config"]
+    changed = [f"--{k} {before.get(k)} -> {v}" for k, v in asdict(asked).items()
+               if before.get(k) != v and k not in ("resume", "overwrite", "output_dir")]
+    if changed:
+        print0(accelerator, "note: changed since the run began: " + ", ".join(changed))
+
+
+def write_config(asked: Config, cfg: Config, accelerator, run_dir: Path, identity: dict,
+                 data: Data, resume: Path | None) -> None:
+    hosts = accelerate.utils.gather_object([os.uname().nodename])
     effective = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
     if accelerator.is_main_process:
         write_json(run_dir / "config.json", {
-            "config": asdict(cfg), "identity": identity, "versions": versions(),
+            "config": asdict(asked), "resolved": {**asdict(cfg), **data.resolved},
+            "identity": identity, "versions": versions(),
             "num_processes": accelerator.num_processes, "hostnames": hosts,
             "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
-            "data_mode": data.mode, "effective_batch_size": effective,
+            "data_mode": data.resolved["data_mode"], "effective_batch_size": effective,
             "torch_threads": torch.get_num_threads(), "resumed_from": str(resume or "") or None})
-    print0(accelerator, 
-        f"{accelerator.num_processes} process(es) on {accelerator.device.type}, mixed precision "
-        f"{accelerator.mixed_precision}; effective batch {effective} = {cfg.batch_size} x "
-        f"{accelerator.num_processes} process(es) x {cfg.gradient_accumulation_steps} "
-        f"accumulation; {identity['train_count']} train / {identity['val_count']} val images, "
-        f"{meta['num_classes']} classes, {meta['channels']}x{meta['image_size'][0]}x"
-        f"{meta['image_size'][1]}; run directory {run_dir}")
-    log = MetricsLog(accelerator, run_dir, state.step if resume is not None else None)
-    if cfg.report_to != "none":
-        accelerator.init_trackers(cfg.report_to if cfg.report_to != "all" else "train",
-                                  config=tracker_config(cfg))
-    stop = StopFlag(cfg.stop_signals)
-    try:
-        code = train(cfg, accelerator, model, optimizer, data, state, run_dir, identity, log,
-                     stop)
-        if code == EXIT_OK:
-            write_results(cfg, accelerator, model, data, state, run_dir, meta,
-                          time.perf_counter() - t_start, resume)
-        return code
-    finally:
-        stop.restore()
-        accelerator.end_training()  # trackers closed, process group destroyed
+    h, w = data.meta["image_size"]
+    print0(accelerator,
+           f"{accelerator.num_processes} process(es) on {accelerator.device.type}, mixed precision "
+           f"{accelerator.mixed_precision}; effective batch {effective} = {cfg.batch_size} x "
+           f"{accelerator.num_processes} process(es) x {cfg.gradient_accumulation_steps} "
+           f"accumulation; {identity['train_count']} train / {data.resolved['val_count']} val "
+           f"images, {data.meta['num_classes']} classes, {data.meta['channels']}x{h}x{w}; run "
+           f"directory {run_dir}")
 
 
-def write_results(cfg: Config, accelerator: Accelerator, model: nn.Module, data: Data,
-                  state: LoopState, run_dir: Path, meta: dict, wall_time: float,
-                  resume: Path | None) -> None:
+def write_results(cfg: Config, accelerator, model, data: Data, state: LoopState,
+                  run_dir: Path, meta: dict, wall_time: float, resume: Path | None) -> None:
     rss, dev = peak_memory_mb(accelerator)
     images = cfg.epochs * len(data.train) * cfg.batch_size * accelerator.num_processes
     results = {**state.last_metrics, "steps": state.step, "epochs": cfg.epochs,
@@ -1074,13 +1615,13 @@ def write_results(cfg: Config, accelerator: Accelerator, model: nn.Module, data:
                    images / state.train_time_s / accelerator.num_processes, 1),
                "peak_rss_mb": rss, "peak_device_mb": dev,
                "num_processes": accelerator.num_processes, "best_val_acc": state.best_val_acc,
-               "skipped_steps": state.skipped_steps, "data_mode": data.mode,
+               "skipped_steps": state.skipped_steps, "data_mode": data.resolved["data_mode"],
                "resumed_from": str(resume) if resume is not None else None}
     if accelerator.is_main_process:
         save_weights(accelerator.unwrap_model(model), run_dir / "model.safetensors", meta)
         write_json(run_dir / "results.json", results)
     print0(accelerator, f"done: val acc {results['val_acc']:.2%}, {state.step} steps, "
-                        f"{wall_time:.1f}s; wrote {run_dir}")
+                        f"{wall_time:.1f}s (whole process, imports included); wrote {run_dir}")
 
 
 def tracker_config(cfg: Config) -> dict:
@@ -1089,62 +1630,80 @@ def tracker_config(cfg: Config) -> dict:
             for k, v in asdict(cfg).items()}
 
 
-def run_eval_only(cfg: Config, given: set[str], accelerator: Accelerator, run_dir: Path,
+def run_eval_only(cfg: Config, given: set[str], accelerator, run_dir: Path, hub: str | None,
                   t_start: float) -> int:
     weights, meta = read_weights(cfg.weights)
+    check_weights(weights, meta, cfg.weights)
     if (run_dir / "results.json").exists() and not cfg.overwrite:
         raise UsageError(f"{run_dir} already holds results.json; use another --output_dir, "
                          "or --overwrite")
-    # The split must be the one the model was validated on: same data flags unless given.
-    data_cfg = dataclasses.replace(
-        cfg, **{k: v for k, v in meta["data"].items() if k not in given})
-    data = build_data(data_cfg, accelerator, meta["model"], meta=meta)
-    if data.class_names != meta["class_names"]:
-        raise UsageError(f"the model was trained on classes {meta['class_names']}, this data has "
-                         f"{data.class_names}; evaluate on the same kind of data")
+    with accelerator.main_process_first():
+        split, image_col, label_col, what = load_eval_split(cfg, given, meta, hub)
+    mode = pick_mode(cfg, accelerator, decoded_gb([split], meta))
+    loader = make_loader(accelerator, split, image_col, label_col, meta, mode,
+                         cfg.batch_size or 64, worker_count(cfg), None, cfg.seed)
     model = build_model(meta)
     model.load_state_dict(weights)
     model = accelerator.prepare(model)
-    metrics = evaluate(accelerator, model, data.val, meta, cfg.channels_last)
-    results = {**metrics, "weights": str(cfg.weights), "dataset": data_cfg.dataset,
+    metrics = evaluate(accelerator, model, loader, meta, cfg.channels_last)
+    results = {**metrics, "weights": str(cfg.weights), "evaluated": what,
                "num_processes": accelerator.num_processes,
                "wall_time_s": round(time.perf_counter() - t_start, 3)}
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "results.json", results)
-    print0(accelerator, f"eval: val loss {metrics['val_loss']:.4f} acc {metrics['val_acc']:.2%} "
-                      f"on {metrics['val_count']} images; wrote {run_dir / 'results.json'}")
+    print0(accelerator, f"eval: {what}, {metrics['val_count']} images: loss "
+                        f"{metrics['val_loss']:.4f} acc {metrics['val_acc']:.2%}; wrote "
+                        f"{run_dir / 'results.json'}")
     accelerator.end_training()
     return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
-    if not sys.stderr.isatty():
-        datasets.disable_progress_bars()  # they flood log files (Slurm, CI)
+    stop = StopFlag(Config.stop_signals)  # first: from here on a stop signal means exit 75
+    run_dir, made = None, False
     try:
         cfg, given = parse_config(argv)
+        stop.catch(cfg.stop_signals)
+        hub = hub_access(cfg.dataset)  # before datasets is imported
+        # OpenMP threads spin while they wait for work: with another busy process on the
+        # machine the default run took 39-77 s instead of ~9 s. Passive waiting fixes it.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        import_libraries()
+        if not sys.stderr.isatty():
+            datasets.disable_progress_bars()  # they flood log files (Slurm, CI)
         # On a CPU-only machine under torchrun / `accelerate launch --multi_gpu`, a plain
         # Accelerator() reports one process and every process trains on all the data;
         # cpu=True makes it MULTI_CPU over gloo. torch.accelerator also knows MPS and XPU.
         cpu = cfg.cpu or not (torch.accelerator.is_available() if hasattr(torch, "accelerator")
                               else torch.cuda.is_available())
-        PartialState(cpu=cpu)  # starts the process group: the run directory is agreed on it
-        run_dir = resolve_run_dir(cfg, "eval" if cfg.eval_only else cfg.model)
+        accelerate.PartialState(cpu=cpu)  # the process group: the run directory is agreed on it
+        run_dir, made = resolve_run_dir(cfg, "eval" if cfg.eval_only else cfg.model)
         accelerator = make_accelerator(cfg, cpu, run_dir)
         if cfg.eval_only:
-            return run_eval_only(cfg, given, accelerator, run_dir, t_start)
-        return run_training(cfg, accelerator, run_dir, t_start)
+            return run_eval_only(cfg, given, accelerator, run_dir, hub, t_start)
+        return run_training(cfg, accelerator, run_dir, hub, stop, t_start)
     except UsageError as e:
         message = str(e)
         if "Original Traceback" in message:  # raised in a DataLoader worker
             message = message.strip().splitlines()[-1].split("UsageError: ", 1)[-1]
-        print(f"train.py: error: {message}", file=sys.stderr)
+        print(f"train.py: error: {message[:2000]}", file=sys.stderr)
         return EXIT_USAGE
     except NonFiniteLoss as e:
         print(f"train.py: {e}. The newest checkpoint is kept. Lower --lr, set "
               "--max_grad_norm, or pass --nan_policy skip", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"train.py: error: {e.strerror} (writing {e.filename or run_dir}); the newest "
+              "complete checkpoint is kept: free some space and run the same command to resume",
+              file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        if made and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a default run directory that nothing was written to
 
 
 if __name__ == "__main__":

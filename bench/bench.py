@@ -37,10 +37,12 @@ def bare_loop(model_name: str, image_size: int, epochs: int, batch_size: int,
     import torch
     import torch.nn.functional as F
     import train
-    cfg = train.Config(model=model_name, image_size=image_size, data_mode="memory")
-    train.PartialState(cpu=not torch.cuda.is_available())
-    acc = train.Accelerator(cpu=not torch.cuda.is_available())
-    data = train.build_data(cfg, acc, model_name)
+    train.import_libraries()
+    cfg = train.Config(model=model_name, image_size=image_size, data_mode="memory",
+                       batch_size=batch_size, precise_bn=0)
+    train.accelerate.PartialState(cpu=not torch.cuda.is_available())
+    acc = train.accelerate.Accelerator(cpu=not torch.cuda.is_available())
+    data = train.build_data(cfg, acc, None)
     device = acc.device
     norm = train.normalizer(data.meta, device)
     x = train.to_input(data.train.dataset.images, norm, False)

@@ -8,6 +8,21 @@
 # forward SIGUSR1, kill their workers ~30 s after forwarding SIGTERM, and turn a worker's
 # exit code 75 into 1, so the script could not tell "preempted" from "crashed".
 
+# `run_dir_of DEFAULT [train.py flags]` prints the directory train.py will write to: the
+# value of the last --output_dir VALUE or --output_dir=VALUE among the flags, else DEFAULT.
+run_dir_of() {
+  local dir=$1
+  shift
+  while (($# > 0)); do
+    case $1 in
+      --output_dir=*) dir=${1#--output_dir=} ;;
+      --output_dir) if (($# > 1)); then dir=$2; shift; fi ;;
+    esac
+    shift
+  done
+  printf '%s\n' "$dir"
+}
+
 launch() {
   local run_dir=$1
   shift
@@ -16,7 +31,7 @@ launch() {
   export MASTER_ADDR MASTER_PORT
   echo "$(date '+%F %T') job $SLURM_JOB_ID, start $((${SLURM_RESTART_COUNT:-0} + 1)):" \
        "$SLURM_NTASKS task(s) on $SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT," \
-       "run directory $run_dir"
+       "run directory $(run_dir_of "$run_dir" "$@")"
 
   # One process per task; ranks come from Slurm, the GPU from LOCAL_RANK (Accelerate).
   # Not --kill-on-bad-exit: ranks leaving with 75 a moment apart would kill each other (the

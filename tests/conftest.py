@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,17 +23,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 
+train.import_libraries()  # what main() does after parsing the flags
 torch.set_num_threads(1)
 
 
 def run_main(*args) -> int:
-    """train.main() in this process; Accelerate's singletons are reset afterwards."""
+    """train.main() in this process; Accelerate's singletons and the signal handlers that
+    main() installs (and, as a program, never restores) are reset afterwards."""
     from accelerate.state import AcceleratorState, GradientState
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     try:
         return train.main([str(a) for a in args])
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
 
 
 def launch_cmd(nproc: int = 1, launcher: str = "python") -> list[str]:

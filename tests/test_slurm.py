@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import ROOT, assert_same_weights, results, run_main
@@ -85,6 +86,56 @@ def test_templates_pass_bash_n_and_shellcheck():
         assert "--requeue" in text and "--signal=B:USR1@" in text and "--open-mode=append" in text
 
 
+def test_two_clusters_run_side_by_side(cluster, tmp_path):
+    """Two test sessions on one machine: the second cluster's names, subnet and ports do not
+    collide with the first's, and stopping it leaves the first alone."""
+    def runs_a_job(c: Cluster, d: Path) -> None:
+        job = c.sbatch(f"--output={d}/hostname-%j.out", "--wrap", "hostname", cwd=d)
+        info = c.wait(job, timeout=60)
+        assert info["JobState"] == "COMPLETED", info
+        assert (d / f"hostname-{job}.out").read_text().strip() in ("n1", "n2")
+
+    (tmp_path / "second").mkdir()
+    second = Cluster(tmp_path / "second").start()
+    try:
+        assert second.bridge != cluster.bridge and second.netns != cluster.netns
+        assert not second.subnet.overlaps(cluster.subnet)
+        assert second.ports[0] != cluster.ports[0]
+        for c in (cluster, second):
+            assert c.node_states() == {"n1": "idle", "n2": "idle"}
+            runs_a_job(c, tmp_path)
+    finally:
+        second.stop()
+    assert subprocess.run(["ip", "link", "show", second.bridge],
+                          capture_output=True).returncode != 0
+    assert cluster.node_states() == {"n1": "idle", "n2": "idle"}
+    runs_a_job(cluster, tmp_path)
+
+
+def test_run_dir_of_finds_the_output_dir_train_py_uses():
+    """lib.sh's start line names the directory train.py uses: the last --output_dir wins."""
+    cases = {(): "dflt", ("--epochs", "1"): "dflt", ("--output_dir=x",): "x",
+             ("--output_dir", "a b", "--epochs", "1"): "a b",
+             ("--output_dir", "x", "--output_dir=y"): "y",
+             ("--output_dir=x", "--lr", "1", "--output_dir", "z"): "z"}
+    for args, want in cases.items():
+        out = subprocess.run(["bash", "-c", 'source slurm/lib.sh && run_dir_of "$@"', "bash",
+                              "dflt", *args], cwd=ROOT, capture_output=True, text=True)
+        assert (out.returncode, out.stdout) == (0, want + "\n"), (args, out.stderr)
+
+
+def test_output_dir_flag_is_the_run_directory_in_log_and_on_disk(cluster, checkout, tmp_path):
+    out = tmp_path / "elsewhere"
+    job = submit(cluster, checkout, "single_node.sbatch", "--output_dir", out, "--epochs", 1)
+    info = cluster.wait(job)
+    log = log_of(checkout, info)
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    start = [line for line in log.splitlines() if f"job {job}, start 1:" in line]
+    assert len(start) == 1 and start[0].endswith(f"run directory {out}"), start
+    assert results(out)["steps"] == 22
+    assert not (checkout / "runs" / f"train-{job}").exists()
+
+
 def test_single_node_template_trains(cluster, checkout):
     job = submit(cluster, checkout, "single_node.sbatch", "--epochs", 2)
     info = cluster.wait(job)
@@ -137,6 +188,41 @@ def test_preemption_requeues_resumes_and_ends_bit_exact(cluster, checkout, multi
     assert 5 <= stopped < 66
     assert_same_weights(run, multi_run)
     assert results(run)["val_acc"] == results(multi_run)["val_acc"]
+
+
+def train_processes(run_dir: str) -> list[psutil.Process]:
+    """The python processes running train.py for this run directory (after srun's bash exec)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and "python" in Path(cmd[0]).name and "train.py" in cmd and run_dir in cmd:
+            found.append(p)
+    return found
+
+
+def test_stop_signal_during_startup_requeues_and_completes(cluster, checkout):
+    """A preemption can come while train.py is still importing and loading data: every rank
+    must exit 75 (nothing to save yet), the job requeue, and the next start train it all.
+    The signal is sent right after both ranks exist, so it lands in train.py's imports (~6 s
+    here): a handler installed only after them dies of it (exit 138, FAILED)."""
+    job = submit(cluster, checkout, "multi_node.sbatch", "--epochs", 2)
+    run_dir = f"runs/train-multi-{job}"  # as the template passes it to train.py
+    run = checkout / run_dir
+    deadline = time.time() + 120
+    while len(train_processes(run_dir)) < 2 and time.time() < deadline:
+        time.sleep(0.02)  # both ranks exist: the step and the script's trap are in place
+    assert len(train_processes(run_dir)) == 2, "train.py did not start"
+    # Python's own start-up (~50 ms, before train.py's first line) is the one window no
+    # program can cover; the imports and data loading after it take seconds.
+    time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=cluster.env)
+    assert not (run / "metrics.jsonl").exists(), "the signal came after training started"
+    info = cluster.wait(job, timeout=300)
+    log = log_of(checkout, info)
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert info["Restarts"] == "1", log[-3000:]
+    assert "before training started" in log and "requeueing job" in log, log[-3000:]
+    assert results(run)["steps"] == 2 * 11
 
 
 def test_job_array_runs_every_line(cluster, checkout):
