@@ -405,29 +405,86 @@ def hub_access(dataset: str) -> str | None:
     return "unreachable"
 
 
+SPLIT_DIRS = {"train": "train", "training": "train", "validation": "validation",
+              "valid": "validation", "val": "validation", "dev": "validation", "test": "test",
+              "testing": "test"}
+DATA_FILES = (".parquet", ".arrow", ".csv", ".tsv", ".json", ".jsonl")  # a Hub download
+
+
+def image_folder(root: Path):
+    """A folder of class subfolders (optionally inside train/, validation/, test/), read with
+    one directory walk. An image's class is its top-level folder however deep it lies, as in
+    torchvision's ImageFolder; datasets' imagefolder names it after the innermost folder, so
+    cats/2019/a.jpg and dogs/2019/b.jpg would both be class '2019'. Returns None for a folder
+    that holds data files or metadata (a Hub download): datasets reads those."""
+    images = {e for e, fmt in PIL.Image.registered_extensions().items() if fmt in PIL.Image.OPEN}
+    found, skipped = [], 0
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith((".", "__")))
+        for name in sorted(names):
+            ext = os.path.splitext(name)[1].lower()
+            if ext in DATA_FILES or name.startswith("metadata."):
+                return None
+            if name.startswith(".") or ext not in images:
+                skipped += 1
+                continue
+            found.append(Path(folder, name).relative_to(root).parts)
+    if not found:
+        raise UsageError(f"--dataset {root}: no image files in it ({skipped} other files)")
+    split_layout = all(len(p) > 2 and p[0].lower() in SPLIT_DIRS for p in found)
+    loose = [Path(*p) for p in found if len(p) < (3 if split_layout else 2)]
+    if loose:
+        raise UsageError(f"{len(loose)} image(s) in {root} outside any class folder (e.g. "
+                         f"{loose[0]}); put each image in a folder named after its class")
+    if split_layout:  # a split folder without images would be silently replaced
+        empty = [d.name for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLIT_DIRS
+                 and not any(p[0] == d.name for p in found)]
+        if empty:
+            raise UsageError(f"{root / empty[0]} holds no images; add images to it or remove "
+                             "it")
+    rows: dict[str, list] = {}
+    for parts in found:
+        split = SPLIT_DIRS[parts[0].lower()] if split_layout else "train"
+        rows.setdefault(split, []).append((str(root.joinpath(*parts)),
+                                           parts[1] if split_layout else parts[0]))
+    classes = sorted({c for split in rows.values() for _, c in split})
+    if len(classes) < 2:
+        raise UsageError(f"{root} has one class folder ({classes[0]}); --dataset must be the "
+                         "folder whose subfolders are the classes")
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=classes)})
+    note = (f"folder: {len(found)} images in {len(classes)} classes ({listing(classes)})"
+            + (f", splits {listing(rows)}" if split_layout else "")
+            + (f"; skipped {skipped} files that are not images" if skipped else ""))
+    return datasets.DatasetDict({split: datasets.Dataset.from_dict(
+        {"image": [p for p, _ in items], "label": [classes.index(c) for _, c in items]},
+        features=features) for split, items in rows.items()}), note
+
+
 def load_source(cfg: Config, hub: str | None):
-    """A Dataset or DatasetDict for --dataset, or a one-line UsageError."""
+    """A Dataset or DatasetDict for --dataset and a line about it, or a one-line UsageError."""
     if cfg.dataset == "digits":
-        return digits_dataset()
+        return digits_dataset(), ""
     path = Path(cfg.dataset).expanduser()
     if path.is_file():
         raise UsageError(f"--dataset {cfg.dataset} is a file; pass a folder of class subfolders, "
                          "a save_to_disk directory, a Hub id or 'digits'")
     if path.is_dir():
+        if not any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
+            folder = image_folder(path)
+            if folder is not None:
+                return folder
         try:
             if any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
-                return datasets.load_from_disk(str(path))
-            # An image folder, or a Hub download (dataset card + parquet/csv/json files):
-            # datasets picks the builder from the files.
-            return datasets.load_dataset(str(path))
-        except Exception as e:  # no image files, an empty split folder, a damaged file, ...
-            raise UsageError(f"cannot load {cfg.dataset}: {first_line(e)}. An image folder holds "
-                             "class subfolders of images, optionally inside train/ and "
-                             "validation/ (or test/)") from None
+                return datasets.load_from_disk(str(path)), ""
+            # A Hub download (dataset card + parquet/csv/json files): datasets picks the builder.
+            return datasets.load_dataset(str(path)), ""
+        except Exception as e:  # an empty split, a damaged file, ...
+            raise UsageError(f"cannot load {cfg.dataset}: {first_line(e)}") from None
     if hub is None:
         raise UsageError(f"--dataset {cfg.dataset}: no such directory")
     try:
-        return datasets.load_dataset(cfg.dataset, cfg.dataset_config, revision=cfg.revision)
+        return datasets.load_dataset(cfg.dataset, cfg.dataset_config, revision=cfg.revision), ""
     except Exception as e:  # DatasetNotFoundError, bad config name, gated repo, offline, ...
         if hub == "online":
             raise UsageError(f"cannot load --dataset {cfg.dataset}: {first_line(e)}") from None
@@ -507,7 +564,7 @@ def label_counts(split, label_col: str, classes: int):
 def load_splits(cfg: Config, hub: str | None) -> Splits:
     """Train and validation splits with an image column (undecoded) and a ClassLabel column
     whose classes mean the same in both."""
-    source = load_source(cfg, hub)
+    source, folder_note = load_source(cfg, hub)
     if isinstance(source, datasets.DatasetDict):
         if not source:
             raise UsageError(f"--dataset {cfg.dataset} has no splits")
@@ -547,7 +604,8 @@ def load_splits(cfg: Config, hub: str | None) -> Splits:
             raise UsageError(f"validation class {listing(orphans)} has no training images; add "
                              "training images for it or remove it from the validation data")
     val = val.cast_column(image_col, datasets.Image(decode=False))
-    return Splits(train, val, image_col, label_col, classes.names, source_train, [note])
+    return Splits(train, val, image_col, label_col, classes.names, source_train,
+                  [folder_note, note])
 
 
 def align_classes(split, label_col: str, names: list[str], whose: str):
@@ -603,14 +661,16 @@ def image_properties(cfg: Config, model: str, sizes: list[tuple[int, int]], colo
     median = shorter[len(shorter) // 2]
     fit = "shorter side resized, centre crop"
     if cfg.image_size:
-        size, how = (cfg.image_size,) * 2, f"{cfg.image_size}x{cfg.image_size} (--image_size; {fit})"
+        size = (cfg.image_size,) * 2
+        how = f"{cfg.image_size}x{cfg.image_size} (--image_size; {fit})"
     elif len(set(sizes)) == 1 and median <= AUTO_SIZE_CAP:
         size, how = sizes[0], f"all {sizes[0][0]}x{sizes[0][1]}"
     else:
         side = min(median, AUTO_SIZE_CAP)
         size = (side, side)
-        how = (f"{side}x{side} (sizes {min(sizes)[0]}x{min(sizes)[1]} to {max(sizes)[0]}x"
-               f"{max(sizes)[1]}, median shorter side {median}"
+        heights, widths = [h for h, _ in sizes], [w for _, w in sizes]
+        how = (f"{side}x{side} (heights {min(heights)}-{max(heights)}, widths {min(widths)}-"
+               f"{max(widths)}, median shorter side {median}"
                + (f", capped at {AUTO_SIZE_CAP}" if median > AUTO_SIZE_CAP else "") + f"; {fit})")
     hflip = cfg.hflip == "yes" or (cfg.hflip == "auto" and share >= 0.5)
     note = (f"images: {channels} channel{'s' if channels > 1 else ''} ({share:.0%} of "
@@ -830,7 +890,7 @@ def load_eval_split(cfg: Config, given: set[str], meta: dict, hub: str | None):
     if same and "split" not in given:
         s = load_splits(cfg, hub)
         return s.val, s.image_col, s.label_col, "the validation split of the training data"
-    source = load_source(cfg, hub)
+    source, _ = load_source(cfg, hub)
     if isinstance(source, datasets.DatasetDict):
         name = cfg.split or next((n for n in VAL_SPLITS if n in source),
                                  "train" if "train" in source else next(iter(source)))
@@ -1336,15 +1396,8 @@ def train(cfg: Config, accelerator, model, optimizer, data: Data, state: LoopSta
     interactive = accelerator.is_main_process and sys.stderr.isatty()
     aug = torch.Generator(device=accelerator.device)
     norm = normalizer(meta, accelerator.device)
-    flag = torch.tensor([float(stop.signal is not None)], device=accelerator.device)
-    if accelerator.reduce(flag).item():  # a signal came during start-up, on some process
-        print0(accelerator, f"stopped by {stop.signal or 'a signal to another process'} before "
-                            f"training started: nothing new to save; exit {EXIT_PREEMPTED}, "
-                            "the same command resumes")
+    if stopped_before_start(cfg, accelerator, model, data, state, log, stop):
         return EXIT_PREEMPTED
-    if state.evaluated < state.epoch:  # resumed from an epoch end whose evaluation failed
-        evaluate_epoch(cfg, accelerator, model, data, state, log)
-
     while state.epoch < cfg.epochs:
         model.train()
         epoch_loader = accelerator.skip_first_batches(loader, state.batch) if state.batch \
@@ -1414,6 +1467,21 @@ def train(cfg: Config, accelerator, model, optimizer, data: Data, state: LoopSta
                                     f"{EXIT_PREEMPTED}, the same command resumes")
                 return EXIT_PREEMPTED
     return EXIT_OK
+
+
+def stopped_before_start(cfg: Config, accelerator, model, data: Data, state: LoopState,
+                         log: MetricsLog, stop: StopFlag) -> bool:
+    """Before the first step: agree on a signal that came during start-up (on any process),
+    and finish the evaluation that a resumed epoch-end checkpoint still owes."""
+    flag = torch.tensor([float(stop.signal is not None)], device=accelerator.device)
+    if accelerator.reduce(flag).item():
+        print0(accelerator, f"stopped by {stop.signal or 'a signal to another process'} before "
+                            f"training started: nothing new to save; exit {EXIT_PREEMPTED}, "
+                            "the same command resumes")
+        return True
+    if state.evaluated < state.epoch:  # e.g. it failed on a corrupt validation image
+        evaluate_epoch(cfg, accelerator, model, data, state, log)
+    return False
 
 
 def after_step(cfg: Config, accelerator, model, optimizer, data: Data, state: LoopState,

@@ -338,3 +338,17 @@ def corrupt_validation_folder(root: Path) -> Path:
     corrupt(root / "validation" / "one" / "broken.png")
     return root
 
+
+
+def nested_folder(root: Path, per_class: int = 40, seed: int = 4) -> Path:
+    """The layout people keep photos in: class/<year>/IMG_0001.JPG (upper-case extensions),
+    plus files that are not images (.DS_Store, a README)."""
+    rng = np.random.default_rng(seed)
+    for name, photo in zip(("china", "flower"), photos()):
+        for i in range(per_class):
+            w, h = (int(v) for v in rng.integers(24, 49, size=2))
+            save(photo_crop(rng, photo, w, h, gray=False),
+                 root / name / ("2019" if i % 2 else "2020") / f"IMG_{i:04d}.JPG", quality=90)
+        (root / name / ".DS_Store").write_bytes(b"\0\1 not an image")
+    (root / "README.txt").write_text("holiday photos\n")
+    return root

@@ -376,3 +376,28 @@ def test_offline_hub_id_says_not_cached(tmp_path, capsys):
     err = capsys.readouterr().err
     one_line_error(err, "not in the local cache")
     assert not re.search(r"set HF_HUB_OFFLINE=1", err, re.I), err  # it is set already
+
+
+# ----------------------------------------------------------------------------- odd layouts
+
+def test_nested_folders_take_the_class_from_the_top_folder(tmp_path, capsys, data):
+    """class/2019/IMG.JPG: datasets' imagefolder names the class after the innermost folder,
+    which trained '2019' against '2020' (chance) without a word."""
+    nested = od.nested_folder(data / "nested")
+    assert main("--dataset", nested, "--epochs", 3, "--output_dir", tmp_path / "r") == 0
+    out = capsys.readouterr().out
+    assert "80 images in 2 classes (china, flower); skipped 3 files that are not images" in out
+    assert meta(tmp_path / "r")["class_names"] == ["china", "flower"]
+    assert results(tmp_path / "r")["val_count"] == 16  # 20% held out, stratified
+    assert results(tmp_path / "r")["val_acc"] >= 0.75
+
+
+def test_images_outside_class_folders_and_single_class_are_refused(tmp_path, capsys, data):
+    nested = od.nested_folder(data / "nested2", per_class=6)
+    shutil.copy(next(nested.glob("china/2019/*.JPG")), nested / "stray.jpg")
+    assert main("--dataset", nested, "--output_dir", tmp_path / "a") == 2
+    one_line_error(capsys.readouterr().err, "1 image(s)", "stray.jpg", "class folder")
+    (nested / "stray.jpg").unlink()
+    shutil.rmtree(nested / "flower")
+    assert main("--dataset", nested, "--output_dir", tmp_path / "b") == 2
+    one_line_error(capsys.readouterr().err, "one class folder (china)")

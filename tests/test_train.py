@@ -274,7 +274,7 @@ def test_bad_data_gets_a_clear_message(tmp_path, capsys, image_folder, saved_dat
     cases = [
         (["--dataset", corrupt, "--data_mode", "memory"], "broken.png"),
         (["--dataset", corrupt, "--data_mode", "stream", "--num_workers", 1], "broken.png"),
-        (["--dataset", empty], "validation/ (or test/)"),
+        (["--dataset", empty], "validation holds no images"),
         (["--dataset", saved_dataset, "--image_column", "pixels"], "no ClassLabel column"),
         (["--dataset", saved_dataset, "--image_column", "nope"], "no such column"),
         (["--dataset", a_file], "is a file"),
