@@ -1775,4 +1775,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # The interpreter puts the default handlers back while it shuts down, and a stop signal
+    # then would turn the exit code into 143 or 138: the run is over, ignore them.
+    for signum in signal_numbers("INT,TERM,USR1,USR2"):
+        signal.signal(signum, signal.SIG_IGN)
+    sys.exit(code)
