@@ -490,7 +490,8 @@ def load_source(cfg: Config, hub: str | None):
             raise UsageError(f"cannot load --dataset {cfg.dataset}: {first_line(e)}") from None
         why = ("the Hugging Face Hub cannot be reached from here" if hub == "unreachable" else
                "HF_HUB_OFFLINE=1 is set, so nothing is downloaded (unset it to download)")
-        raise UsageError(f"--dataset {cfg.dataset} is not in the local cache and {why}; or save "
+        raise UsageError(f"--dataset {cfg.dataset}: no local folder of that name, not in the "
+                         f"local Hub cache, and {why}; or save "
                          "it where there is network (load_dataset(...).save_to_disk(DIR)) and "
                          "pass --dataset DIR") from None
 

@@ -374,7 +374,7 @@ def test_unreachable_hub_fails_fast_in_one_line(tmp_path):
 def test_offline_hub_id_says_not_cached(tmp_path, capsys):
     assert main("--dataset", "someone/not-cached", "--output_dir", tmp_path) == 2
     err = capsys.readouterr().err
-    one_line_error(err, "not in the local cache")
+    one_line_error(err, "not in the local Hub cache")
     assert not re.search(r"set HF_HUB_OFFLINE=1", err, re.I), err  # it is set already
 
 

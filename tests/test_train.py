@@ -292,7 +292,7 @@ def test_bad_data_gets_a_clear_message(tmp_path, capsys, image_folder, saved_dat
 def test_offline_hub_id_fails_fast_without_traceback(tmp_path):
     proc = run_cli("--dataset", "uoft-cs/cifar10", "--output_dir", tmp_path, timeout=120)
     assert proc.returncode == 2
-    assert "not in the local cache" in proc.stderr and "Traceback" not in proc.stderr
+    assert "not in the local Hub cache" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_help_lists_every_option_with_its_default():
