@@ -184,7 +184,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys, reference2):
     (run / "results.json").unlink()
     for args, what in ((["--model", "resnet18"], "model was 'cnn', now 'resnet18'"),
                        (["--batch_size", 32], "batch_size was 64, now 32"),
-                       (["--dataset", ROOT / "tests"], "cannot load")):
+                       (["--dataset", ROOT / "tests"], "no image files")):
         assert run_main("--epochs", 1, "--output_dir", run, *args) == 2
         assert what in capsys.readouterr().err
     # a checkpoint written by 2 processes is refused by 1
