@@ -283,6 +283,38 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 # ----------------------------------------------------------------------------- libraries
 
+def busy_cores(seconds: float = 0.1) -> float:
+    """How many of this process's cores other processes keep busy right now (/proc/stat over
+    `seconds`, while this process sleeps); 0 where that cannot be read."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            rows = [line.split() for line in f if line.startswith("cpu")]
+        mine = [r for r in rows if r[0][3:].isdigit() and int(r[0][3:]) in os.sched_getaffinity(0)]
+        ticks = [list(map(int, r[1:9])) for r in mine]
+        return sum(map(sum, ticks)), sum(t[3] + t[4] for t in ticks)  # all, idle + iowait
+    try:
+        (all0, idle0), _, (all1, idle1) = sample(), time.sleep(seconds), sample()
+    except (OSError, ValueError, AttributeError):  # not Linux
+        return 0.0
+    return (all1 - all0 - (idle1 - idle0)) / os.sysconf("SC_CLK_TCK") / seconds
+
+
+def choose_wait_policy() -> str:
+    """OpenMP threads spin while they wait for work. With another busy process on 2 cores
+    that made the default run take 39-77 s instead of ~9 s; passive waiting fixes it, but on
+    a quiet machine it doubled the small CNN's training time. So: passive only when other
+    processes keep this process's cores busy at start-up, and never over the user's choice.
+    Before torch is imported (libgomp reads it once). Returns a note, or ''."""
+    if "OMP_WAIT_POLICY" in os.environ:
+        return ""
+    busy = busy_cores()
+    if busy < 0.5:
+        return ""
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return (f"note: other processes keep {busy:.1f} of this process's {cpu_count()} cores "
+            "busy: OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE)")
+
+
 def import_libraries() -> None:
     """torch, torchvision, accelerate and datasets take ~6 s to import: they come after the
     stop signals are caught and the flags are checked, so --help and a bad flag answer at once
@@ -587,7 +619,7 @@ def load_splits(cfg: Config, hub: str | None) -> Splits:
     if val is not None:
         val = align_classes(val, label_col, classes.names, "the training classes")
     train = train.cast_column(image_col, datasets.Image(decode=False))
-    source_train = train
+    source_train, seen = train, label_counts(train, label_col, classes.num_classes)
     if val is None:
         try:
             parts = train.train_test_split(test_size=cfg.val_fraction, seed=cfg.seed,
@@ -597,7 +629,6 @@ def load_splits(cfg: Config, hub: str | None) -> Splits:
                              f"{len(train)} images: {first_line(e)}") from None
         train, val = parts["train"], parts["test"]
     else:  # a class that only the validation data has cannot be learned: say so
-        seen = label_counts(train, label_col, classes.num_classes)
         asked = label_counts(val, label_col, classes.num_classes)
         orphans = [f"'{classes.names[i]}' ({asked[i]} images)"
                    for i in range(classes.num_classes) if asked[i] and not seen[i]]
@@ -1662,7 +1693,8 @@ def write_config(asked: Config, cfg: Config, accelerator, run_dir: Path, identit
             "num_processes": accelerator.num_processes, "hostnames": hosts,
             "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
             "data_mode": data.resolved["data_mode"], "effective_batch_size": effective,
-            "torch_threads": torch.get_num_threads(), "resumed_from": str(resume or "") or None})
+            "torch_threads": torch.get_num_threads(), "resumed_from": str(resume or "") or None,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")})
     h, w = data.meta["image_size"]
     print0(accelerator,
            f"{accelerator.num_processes} process(es) on {accelerator.device.type}, mixed precision "
@@ -1736,9 +1768,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, given = parse_config(argv)
         stop.catch(cfg.stop_signals)
         hub = hub_access(cfg.dataset)  # before datasets is imported
-        # OpenMP threads spin while they wait for work: with another busy process on the
-        # machine the default run took 39-77 s instead of ~9 s. Passive waiting fixes it.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        contended = choose_wait_policy()
         import_libraries()
         if not sys.stderr.isatty():
             datasets.disable_progress_bars()  # they flood log files (Slurm, CI)
@@ -1750,6 +1780,8 @@ def main(argv: list[str] | None = None) -> int:
         accelerate.PartialState(cpu=cpu)  # the process group: the run directory is agreed on it
         run_dir, made = resolve_run_dir(cfg, "eval" if cfg.eval_only else cfg.model)
         accelerator = make_accelerator(cfg, cpu, run_dir)
+        if contended:
+            print0(accelerator, contended)
         if cfg.eval_only:
             return run_eval_only(cfg, given, accelerator, run_dir, hub, t_start)
         return run_training(cfg, accelerator, run_dir, hub, stop, t_start)

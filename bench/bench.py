@@ -34,9 +34,10 @@ def bare_loop(model_name: str, image_size: int, epochs: int, batch_size: int,
               mixed_precision: str, compile_model: bool) -> dict:
     """The limit for this model here: preloaded normalized tensors, no loader, no augmentation."""
     sys.path.insert(0, str(ROOT))
+    import train
+    train.choose_wait_policy()  # as train.py decides it, before torch is imported
     import torch
     import torch.nn.functional as F
-    import train
     train.import_libraries()
     cfg = train.Config(model=model_name, image_size=image_size, data_mode="memory",
                        batch_size=batch_size, precise_bn=0)
