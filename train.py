@@ -1778,6 +1778,11 @@ def main(argv: list[str] | None = None) -> int:
         # cpu=True makes it MULTI_CPU over gloo. torch.accelerator also knows MPS and XPU.
         cpu = cfg.cpu or not (torch.accelerator.is_available() if hasattr(torch, "accelerator")
                               else torch.cuda.is_available())
+        gpus, local = torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", 0))
+        if not cpu and torch.cuda.is_available() and local >= gpus:
+            raise UsageError(f"this process is local rank {local} but the machine has {gpus} "
+                             f"GPU(s): launch {gpus} process(es) per machine (accelerate launch "
+                             f"--num_processes {gpus}, or plain `accelerate launch train.py`)")
         accelerate.PartialState(cpu=cpu)  # the process group: the run directory is agreed on it
         run_dir, made = resolve_run_dir(cfg, "eval" if cfg.eval_only else cfg.model)
         accelerator = make_accelerator(cfg, cpu, run_dir)
