@@ -1372,20 +1372,38 @@ def peak_memory_mb(accelerator) -> tuple[float, float]:
 
 def evaluate(accelerator, model, loader, meta: dict, channels_last: bool) -> dict:
     """Exact over processes: per-sample values gathered on every batch (which drops the
-    padding duplicates of the last batches), summed, divided by the true count."""
+    padding duplicates of the last batches), summed, divided by the true count. Loss,
+    accuracy, top-5 accuracy (more than 5 classes), per-class accuracy and the confusion
+    matrix (rows: true class, columns: predicted; up to 100 classes)."""
     model.eval()
     norm = normalizer(meta, accelerator.device)
-    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    k = meta["num_classes"]
+    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+    per_class = torch.zeros(2, k, dtype=torch.int64, device=accelerator.device)  # seen, hit
+    confusion = torch.zeros(k * k if k <= 100 else 0, dtype=torch.int64, device=totals.device)
     for images, labels in loader:
         with torch.no_grad():
             logits = model(to_input(images, norm, channels_last)).float()
         losses = F.cross_entropy(logits, labels, reduction="none")
-        losses, correct = accelerator.gather_for_metrics((losses, logits.argmax(1) == labels))
-        totals += torch.stack([losses.double().sum(), correct.double().sum(),
-                               torch.tensor(losses.numel(), dtype=torch.float64,
-                                            device=totals.device)])
-    loss_sum, correct, count = totals.tolist()
-    return {"val_loss": loss_sum / count, "val_acc": correct / count, "val_count": int(count)}
+        top5 = (logits.topk(min(5, k), 1).indices == labels[:, None]).any(1)
+        losses, preds, labels, top5 = accelerator.gather_for_metrics(
+            (losses, logits.argmax(1), labels, top5))
+        totals += torch.stack([losses.double().sum(), (preds == labels).double().sum(),
+                               top5.double().sum(), torch.tensor(
+                                   losses.numel(), dtype=torch.float64, device=totals.device)])
+        per_class += torch.stack([torch.bincount(labels, minlength=k),
+                                  torch.bincount(labels[preds == labels], minlength=k)])
+        if len(confusion):
+            confusion += torch.bincount(labels * k + preds, minlength=k * k)
+    loss_sum, correct, top5, count = totals.tolist()
+    seen, hit = per_class.tolist()
+    metrics = {"val_loss": loss_sum / count, "val_acc": correct / count, "val_count": int(count),
+               **({"val_top5_acc": top5 / count} if k > 5 else {}),
+               "val_per_class_acc": {name: h / n if n else None
+                                     for name, n, h in zip(meta["class_names"], seen, hit)}}
+    if len(confusion):
+        metrics["val_confusion_matrix"] = confusion.view(k, k).tolist()
+    return metrics
 
 
 def precise_bn(cfg: Config, accelerator, model, data: Data, epoch: int) -> None:
@@ -1577,7 +1595,8 @@ def evaluate_epoch(cfg: Config, accelerator, model, data: Data, state: LoopState
     metrics["peak_rss_mb"], metrics["peak_device_mb"] = peak_memory_mb(accelerator)
     state.evaluated, state.last_metrics = state.epoch, metrics
     state.best_val_acc = max(state.best_val_acc, metrics["val_acc"])
-    log("eval", state.step, state.epoch, **metrics)
+    log("eval", state.step, state.epoch, **{k: v for k, v in metrics.items()  # scalars only
+                                              if isinstance(v, (int, float))})
     rate = metrics["images_per_s"]
     print0(accelerator,
            f"epoch {state.epoch}/{cfg.epochs}  train loss {metrics['train_loss']:.4f} "

@@ -121,6 +121,14 @@ def test_two_processes_split_the_data_and_metrics_are_exact(tmp_path, launcher):
     assert one["val_count"] == 360
     assert one["val_acc"] == res["val_acc"]
     assert abs(one["val_loss"] - res["val_loss"]) < 1e-6
+    # top-5, per-class accuracy and the confusion matrix: the same counts, every image once
+    assert one["val_top5_acc"] == res["val_top5_acc"] and res["val_top5_acc"] >= res["val_acc"]
+    assert one["val_confusion_matrix"] == res["val_confusion_matrix"]
+    assert sum(map(sum, res["val_confusion_matrix"])) == 360
+    diagonal = sum(res["val_confusion_matrix"][i][i] for i in range(10))
+    assert diagonal == round(res["val_acc"] * 360)
+    assert one["val_per_class_acc"] == res["val_per_class_acc"]
+    assert list(res["val_per_class_acc"]) == [str(i) for i in range(10)]
 
 
 def test_data_sources_image_folder_with_splits(tmp_path, image_folder):
