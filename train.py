@@ -126,6 +126,15 @@ class Config:
                      "grayscale", ("auto", "yes", "no"))
     # model
     model: str = opt("cnn", "'cnn' (small, defined here) or a torchvision classifier: resnet18")
+    pretrained: str | None = opt(None, "torchvision's weights for --model: DEFAULT or a name "
+                                 "(IMAGENET1K_V1), from $TORCH_HOME/hub/checkpoints or "
+                                 "downloaded; their mean, std and crop size are used")
+    init_from: str | None = opt(None, "start from these weights: a run directory, a "
+                                "model.safetensors or a state dict file; tensors that fit "
+                                "load, a head for another class count is new")
+    freeze_backbone: bool = opt(False, "train only the classifier head (the last linear "
+                                "layer); needs --pretrained or --init_from")
+    head_lr_scale: float = opt(1.0, "learning-rate multiplier for the classifier head")
     # optimization
     epochs: int = opt(8, "passes over the training data")
     batch_size: int = opt(0, "images per process per micro-batch (effective: x processes x "
@@ -190,6 +199,7 @@ CHECKS = [  # (field, ok, requirement)
     ("gradient_accumulation_steps", lambda v: v >= 1, "at least 1"),
     ("warmup_steps", lambda v: v >= 0, ">= 0"),
     ("precise_bn", lambda v: v >= 0, ">= 0"),
+    ("head_lr_scale", lambda v: v > 0, "> 0"),
     ("log_every", lambda v: v >= 0, ">= 0"),
     ("checkpoint_every", lambda v: v >= 0, ">= 0"),
     ("keep_checkpoints", lambda v: v >= 0, ">= 0"),
@@ -215,6 +225,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, set[str]]:
         text = f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})")
         if f.type == "bool":
             group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=text)
+        elif f.name == "pretrained":  # --pretrained alone means DEFAULT
+            group.add_argument(f"--{f.name}", nargs="?", const="DEFAULT", help=text)
         else:
             group.add_argument(f"--{f.name}", type={"int": int, "float": float}.get(f.type, str),
                                choices=f.metadata["choices"], help=text)
@@ -236,6 +248,14 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, set[str]]:
     if cfg.resume not in ("auto", "none") and cfg.overwrite:
         raise UsageError(f"--resume {cfg.resume} continues that checkpoint, --overwrite would "
                          "delete it: drop --overwrite")
+    if cfg.pretrained and cfg.init_from:
+        raise UsageError("--pretrained and --init_from both give starting weights: pick one")
+    if cfg.pretrained and cfg.model == "cnn":
+        raise UsageError("--pretrained takes torchvision's weights: name a torchvision --model "
+                         "(resnet18, ...); for a cnn run use --init_from RUN_DIR")
+    if cfg.freeze_backbone and not (cfg.pretrained or cfg.init_from):
+        raise UsageError("--freeze_backbone would train a head on random features: add "
+                         "--pretrained or --init_from")
     if cfg.channels == 1 and cfg.model != "cnn":
         raise UsageError(f"--channels 1: torchvision models (--model {cfg.model}) take RGB input")
     return cfg, set(given)
@@ -420,7 +440,15 @@ def hub_access(dataset: str) -> str | None:
         return None
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         return "offline"
-    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    if reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co")):
+        return "online"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return "unreachable"
+
+
+def reachable(url: str) -> bool:
+    """Whether url's host answers within ~3 s (a stuck DNS lookup included)."""
+    host = urllib.parse.urlparse(url)
     reached: list[bool] = []
 
     def connect() -> None:
@@ -429,13 +457,10 @@ def hub_access(dataset: str) -> str | None:
             reached.append(True)
         except OSError:
             pass
-    probe = threading.Thread(target=connect, daemon=True)  # a stuck DNS lookup included
+    probe = threading.Thread(target=connect, daemon=True)
     probe.start()
     probe.join(3.5)
-    if reached:
-        return "online"
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    return "unreachable"
+    return bool(reached)
 
 
 SPLIT_DIRS = {"train": "train", "training": "train", "validation": "validation",
@@ -877,9 +902,15 @@ def build_data(cfg: Config, accelerator, hub: str | None) -> Data:
     with accelerator.main_process_first():  # Hub / imagefolder caches are written once
         s = load_splits(cfg, hub)
     sizes, colour = probe_images(s.source_train, s.image_col)  # the same for every --seed
+    stats = None
+    if cfg.pretrained:  # the weights' own preprocessing: normalization and size
+        preset = pretrained_weights(cfg).transforms()
+        stats = {"mean": list(preset.mean), "std": list(preset.std)}
+        cfg = dataclasses.replace(cfg, image_size=cfg.image_size or preset.crop_size[0])
     props, note = image_properties(cfg, cfg.model, sizes, colour)
     h, w = props["image_size"]
-    meta = {**props, "mean": [0.5] * props["channels"], "std": [0.5] * props["channels"],
+    meta = {**props, **(stats or {"mean": [0.5] * props["channels"],
+                                  "std": [0.5] * props["channels"]}),
             "class_names": s.class_names, "num_classes": len(s.class_names), "model": cfg.model,
             "crop_padding": cfg.crop_padding if cfg.crop_padding >= 0 else min(h, w) // 8}
     per_process = len(s.train) // accelerator.num_processes
@@ -1042,11 +1073,81 @@ def build_model(meta: dict, batch_size: int = 2, probe: bool = True):
     return model.train()
 
 
+def head_names(model) -> set[str]:
+    """The classifier head: the parameters of the last linear layer (resnet's fc, vit's
+    heads.head, efficientnet's classifier.1, the cnn's last layer)."""
+    last = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    return {f"{last}.{p}" for p, _ in model.get_submodule(last).named_parameters()}
+
+
 def make_optimizer(cfg: Config, model):
+    """Two parameter groups, backbone and head; each carries an `lr_scale` that the loop
+    applies to lr_at(step). --freeze_backbone leaves the backbone out (and frozen)."""
+    head = head_names(model)
+    groups = [{"params": [p for n, p in model.named_parameters() if n in head],
+               "lr_scale": cfg.head_lr_scale}]
+    if not cfg.freeze_backbone:
+        groups.insert(0, {"params": [p for n, p in model.named_parameters() if n not in head],
+                          "lr_scale": 1.0})
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in head or not cfg.freeze_backbone)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                            weight_decay=cfg.weight_decay)
+
+
+def pretrained_weights(cfg: Config):
+    """torchvision's weights enum member for --model/--pretrained, or a one-line refusal."""
+    try:
+        enum = torchvision.models.get_model_weights(cfg.model)
+        return enum[cfg.pretrained] if cfg.pretrained != "DEFAULT" else enum.DEFAULT
+    except (KeyError, ValueError, AttributeError):
+        names = [w.name for w in torchvision.models.get_model_weights(cfg.model)]
+        raise UsageError(f"--pretrained {cfg.pretrained}: --model {cfg.model} has weights "
+                         f"{listing(names)} (or DEFAULT)") from None
+
+
+def starting_state(cfg: Config) -> tuple[dict, str]:
+    """The tensors to start from (--pretrained or --init_from) and where they came from."""
+    if cfg.pretrained:
+        weights = pretrained_weights(cfg)
+        file = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        try:  # torchvision reads the file when it is there, else downloads it
+            if not file.exists() and not reachable(weights.url):
+                raise ConnectionError("not there, and no network to download it")
+            return weights.get_state_dict(progress=False), f"{weights} ({file})"
+        except Exception as e:  # offline, a damaged file
+            raise UsageError(f"--pretrained: cannot read {file} ({first_line(e)}); put "
+                             f"{weights.url} there") from None
+    path = Path(cfg.init_from)
+    if path.is_dir() or path.suffix == ".safetensors":
+        return read_weights(str(path))[0], str(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError("not a state dict of tensors")
+        return state, str(path)
+    except Exception as e:
+        raise UsageError(f"--init_from {path}: not a run directory, model.safetensors or "
+                         f"state dict ({first_line(e)})") from None
+
+
+def load_start(cfg: Config, model, start: tuple[dict, str]) -> str:
+    """Load the tensors of --pretrained / --init_from that fit the model; a head of another
+    class count (or anything else that does not fit) keeps its fresh initialisation."""
+    state, source = start
+    own = model.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    new = [k for k in own if k not in fits]
+    if len(fits) < len(own) / 2:
+        raise UsageError(f"{source}: only {len(fits)} of {len(own)} tensors fit --model "
+                         f"{cfg.model}: weights of another architecture?")
+    model.load_state_dict(fits, strict=False)
+    return (f"start: {len(fits)} of {len(own)} tensors from {source}"
+            + (f"; new: {listing(new, 4)}" if new else "")
+            + ("; backbone frozen" if cfg.freeze_backbone else ""))
 
 
 def lr_at(step: int, total: int, cfg: Config) -> float:
@@ -1490,7 +1591,7 @@ def train(cfg: Config, accelerator, model, optimizer, data: Data, state: LoopSta
                         raise NonFiniteLoss(f"the loss is not finite at optimizer step "
                                             f"{state.step + 1} (epoch {state.epoch + 1})")
                     for group in optimizer.param_groups:
-                        group["lr"] = lr_at(state.step, total_steps, cfg)
+                        group["lr"] = lr_at(state.step, total_steps, cfg) * group["lr_scale"]
                     if cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                     if nonfinite:  # --nan_policy skip: drop this update
@@ -1648,15 +1749,22 @@ def run_training(cfg: Config, accelerator, run_dir: Path, hub: str | None, stop:
         "val_fraction": cfg.val_fraction, "seed": cfg.seed}}
     identity = {"dataset": cfg.dataset, "dataset_config": cfg.dataset_config,
                 "revision": cfg.revision, "model": cfg.model, "seed": cfg.seed,
+                "start": cfg.pretrained or cfg.init_from,
                 "image_size": meta["image_size"], "channels": meta["channels"],
                 "batch_size": cfg.batch_size,
                 "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
                 "num_processes": accelerator.num_processes, "num_classes": meta["num_classes"],
                 "train_count": data.resolved["train_count"]}
+    start = None
+    if cfg.pretrained or cfg.init_from:  # read (or downloaded, once per machine) up front
+        with accelerator.main_process_first():
+            start = starting_state(cfg)
     resume, lock = prepare_run_dir(cfg, run_dir, identity, accelerator)
     try:
         accelerate.utils.set_seed(cfg.seed)
         model = build_model(meta, cfg.batch_size)
+        if start is not None:
+            print0(accelerator, load_start(cfg, model, start))
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = make_optimizer(cfg, model)
@@ -1828,8 +1936,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_FAILED
     finally:
-        if made and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # a default run directory that nothing was written to
+        if made and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".lock"}:
+            shutil.rmtree(run_dir)  # a default run directory that nothing was written to
 
 
 if __name__ == "__main__":

@@ -1,0 +1,145 @@
+"""Starting from weights (issue 11, item 1): torchvision's pretrained weights read offline from
+a TORCH_HOME that the test fills, --init_from another run or a state dict file, a new head
+for another class count, --freeze_backbone and --head_lr_scale, and their bit-exact resume."""
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from conftest import assert_same_weights, digit_images, results, run_main, weights
+from test_checkpoints import finish, start, wait_for_step
+
+
+def digits_subset(path: Path, classes: list[int], images: slice) -> Path:
+    """Real digits of the given classes (the `images` of each class) as a save_to_disk
+    dataset; the validation part is held out."""
+    import datasets
+    items = [(img, c) for img, c in digit_images(classes=10, per_class=images.stop, size=8)
+             if c in classes]
+    items = [it for c in classes for it in [i for i in items if i[1] == c][images]]
+    names = [str(c) for c in classes]
+    ds = datasets.Dataset.from_dict(
+        {"image": [i for i, _ in items], "label": [classes.index(c) for _, c in items]},
+        features=datasets.Features({"image": datasets.Image(),
+                                    "label": datasets.ClassLabel(names=names)}))
+    ds.save_to_disk(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_half(tmp_path_factory) -> Path:
+    """A cnn trained on 60 images of each digit: the weights the other tests start from."""
+    root = tmp_path_factory.mktemp("first_half")
+    data = digits_subset(root / "data", list(range(10)), slice(0, 60))
+    assert run_main("--dataset", data, "--epochs", 4, "--output_dir", root / "run") == 0
+    assert results(root / "run")["val_acc"] > 0.85
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def second_half(tmp_path_factory) -> Path:
+    """Other images (30 each) of four digits: another task, with a 4-class head."""
+    return digits_subset(tmp_path_factory.mktemp("second_half") / "data", [5, 6, 7, 8],
+                         slice(60, 90))
+
+
+def test_init_from_a_run_keeps_the_backbone_and_learns_faster(tmp_path, capsys, first_half,
+                                                             second_half):
+    common = ["--dataset", second_half, "--epochs", 1]
+    assert run_main(*common, "--output_dir", tmp_path / "scratch") == 0
+    capsys.readouterr()
+    assert run_main(*common, "--init_from", first_half, "--output_dir", tmp_path / "warm") == 0
+    out = capsys.readouterr().out
+    # every tensor but the head (5 classes there, 4 here) comes from the first run
+    n = len(train.read_weights(str(first_half))[0])
+    assert f"start: {n - 2} of {n} tensors from {first_half}; new: 12.weight, 12.bias" in out
+    # 12 steps: from scratch 50-63% (seeds 0-2), from the other run's weights 83-96%
+    scratch, warm = results(tmp_path / "scratch")["val_acc"], results(tmp_path / "warm")["val_acc"]
+    assert warm > scratch + 0.15, (warm, scratch)
+    # a plain state dict file works the same
+    state = weights(first_half)
+    torch.save(state, tmp_path / "state.pt")
+    assert run_main(*common, "--init_from", tmp_path / "state.pt",
+                    "--output_dir", tmp_path / "file") == 0
+    assert_same_weights(tmp_path / "file", tmp_path / "warm")
+
+
+def test_init_from_refuses_another_architecture_and_non_weights(tmp_path, capsys, first_half,
+                                                                 second_half):
+    common = ["--dataset", second_half, "--epochs", 1, "--output_dir", tmp_path / "r"]
+    assert run_main(*common, "--init_from", first_half, "--model", "resnet18",
+                    "--image_size", 16) == 2
+    err = capsys.readouterr().err
+    assert "tensors fit --model resnet18" in err and "Traceback" not in err
+    (tmp_path / "notes.txt").write_text("not weights")
+    assert run_main(*common, "--init_from", tmp_path / "notes.txt") == 2
+    assert "not a run directory, model.safetensors or state dict" in capsys.readouterr().err
+    assert run_main(*common, "--freeze_backbone") == 2
+    assert "add --pretrained or --init_from" in capsys.readouterr().err
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch) -> Path:
+    """A TORCH_HOME holding a stand-in for resnet18's IMAGENET1K_V1 file, under the exact name
+    torchvision reads (no network: nothing is downloaded)."""
+    import torchvision
+    home = tmp_path / "torch_home"
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(123)
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(),
+               home / "hub" / "checkpoints" / Path(url).name)
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home
+
+
+def test_pretrained_weights_load_offline_with_their_preprocessing(tmp_path, capsys,
+                                                                  torch_home):
+    stand_in = torch.load(next((torch_home / "hub" / "checkpoints").iterdir()))
+    assert run_main("--model", "resnet18", "--pretrained", "--freeze_backbone",
+                    "--head_lr_scale", 4, "--image_size", 16, "--epochs", 1,
+                    "--output_dir", tmp_path / "r") == 0
+    assert "new: fc.weight, fc.bias; backbone frozen" in capsys.readouterr().out
+    saved, meta = train.read_weights(str(tmp_path / "r"))
+    assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406])  # the weights' own
+    assert meta["std"] == pytest.approx([0.229, 0.224, 0.225])
+    assert meta["image_size"] == [16, 16]
+    # frozen: every backbone weight is the file's; the head trained
+    for key in ("conv1.weight", "layer1.0.conv1.weight", "layer4.1.conv2.weight"):
+        assert torch.equal(saved[key], stand_in[key]), key
+    assert saved["fc.weight"].shape == (10, 512)
+
+
+def test_pretrained_names_the_missing_file_and_the_weights(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    common = ["--model", "resnet18", "--image_size", 16, "--output_dir", tmp_path / "r"]
+    assert run_main(*common, "--pretrained") == 2
+    err = capsys.readouterr().err
+    assert "resnet18-f37072fd.pth" in err and str(tmp_path / "empty") in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    assert run_main(*common, "--pretrained", "NOPE") == 2
+    assert "IMAGENET1K_V1" in capsys.readouterr().err
+    assert run_main("--pretrained", "--output_dir", tmp_path / "c") == 2  # the cnn has none
+    assert "torchvision --model" in capsys.readouterr().err
+
+
+def test_frozen_backbone_and_head_lr_resume_bit_exact(tmp_path, first_half, second_half):
+    args = ["--dataset", second_half, "--init_from", first_half, "--freeze_backbone",
+            "--head_lr_scale", 3, "--epochs", 4, "--batch_size", 16, "--checkpoint_every", 5,
+            "--log_every", 1]  # 6 steps per epoch
+    finish([*args, "--output_dir", tmp_path / "ref"])
+    proc = start([*args, "--output_dir", tmp_path / "run"])
+    wait_for_step(proc, 7)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=120) == 75
+    proc.stdout.close()
+    finish([*args, "--output_dir", tmp_path / "run"])
+    assert_same_weights(tmp_path / "run", tmp_path / "ref")
+    ref = weights(tmp_path / "ref")
+    assert torch.equal(ref["0.weight"], weights(first_half)["0.weight"])  # frozen
+    assert results(tmp_path / "ref")["steps"] == 24 and results(tmp_path / "run")["steps"] == 24
