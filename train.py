@@ -145,6 +145,9 @@ class Config:
     momentum: float = opt(0.9, "SGD momentum")
     weight_decay: float = opt(0.0, "decoupled for adamw, L2 for sgd; 0 = off")
     label_smoothing: float = opt(0.0, "cross-entropy label smoothing; 0 = off")
+    mixup: float = opt(0.0, "MixUp alpha (torchvision's v2.MixUp); 0 = off")
+    cutmix: float = opt(0.0, "CutMix alpha (v2.CutMix); 0 = off; with --mixup, one of the two "
+                        "per batch")
     max_grad_norm: float = opt(0.0, "gradient clipping norm; 0 = off")
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
     schedule: str = opt("cosine", "learning-rate curve after warmup",
@@ -200,6 +203,8 @@ CHECKS = [  # (field, ok, requirement)
     ("warmup_steps", lambda v: v >= 0, ">= 0"),
     ("precise_bn", lambda v: v >= 0, ">= 0"),
     ("head_lr_scale", lambda v: v > 0, "> 0"),
+    ("mixup", lambda v: v >= 0, ">= 0"),
+    ("cutmix", lambda v: v >= 0, ">= 0"),
     ("log_every", lambda v: v >= 0, ">= 0"),
     ("checkpoint_every", lambda v: v >= 0, ">= 0"),
     ("keep_checkpoints", lambda v: v >= 0, ">= 0"),
@@ -1150,6 +1155,15 @@ def load_start(cfg: Config, model, start: tuple[dict, str]) -> str:
             + ("; backbone frozen" if cfg.freeze_backbone else ""))
 
 
+def mixer(cfg: Config, num_classes: int):
+    """torchvision's batch MixUp / CutMix (random draws from torch's RNG, which checkpoints
+    keep), or None. They turn the labels into class probabilities for the cross-entropy."""
+    from torchvision.transforms import v2
+    mixes = [mix(alpha=alpha, num_classes=num_classes)
+             for mix, alpha in ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix)) if alpha]
+    return None if not mixes else mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+
 def lr_at(step: int, total: int, cfg: Config) -> float:
     """Learning rate of optimizer step `step` (0-based) out of `total`. Computed, not stepped:
     a scheduler passed through accelerate.prepare() steps once per process."""
@@ -1548,6 +1562,7 @@ def train(cfg: Config, accelerator, model, optimizer, data: Data, state: LoopSta
     interactive = accelerator.is_main_process and sys.stderr.isatty()
     aug = torch.Generator(device=accelerator.device)
     norm = normalizer(meta, accelerator.device)
+    mix = mixer(cfg, meta["num_classes"])
     if stopped_before_start(cfg, accelerator, model, data, state, log, stop):
         return EXIT_PREEMPTED
     while state.epoch < cfg.epochs:
@@ -1575,8 +1590,11 @@ def train(cfg: Config, accelerator, model, optimizer, data: Data, state: LoopSta
             scale = accum / tail if tail and state.batch >= batches - tail else 1.0
             # ---- the update step
             with accelerator.accumulate(model):
-                logits = model(to_input(images, norm, cfg.channels_last))
-                loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+                x, targets = to_input(images, norm, cfg.channels_last), labels
+                if mix is not None:  # targets become class probabilities
+                    x, targets = mix(x, labels)
+                logits = model(x)
+                loss = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
                 accelerator.backward(loss if scale == 1 else loss * scale)
                 step_loss += loss.detach()
                 step_correct += (logits.argmax(1) == labels).sum()
