@@ -156,6 +156,8 @@ class Config:
                             "(onecycle: 0 = 25%% of the run)")
     nan_policy: str = opt("stop", "on a NaN/inf loss: stop (exit 1) or skip the step",
                           ("stop", "skip"))
+    ema_decay: float = opt(0.0, "keep an exponential moving average of the weights (torch's "
+                           "AveragedModel), evaluated and saved beside them: 0.999; 0 = off")
     precise_bn: int = opt(2048, "training images that recompute BatchNorm statistics before "
                           "each evaluation (running averages lag early on); 0 = off")
     # outputs and logging
@@ -204,6 +206,7 @@ CHECKS = [  # (field, ok, requirement)
     ("precise_bn", lambda v: v >= 0, ">= 0"),
     ("head_lr_scale", lambda v: v > 0, "> 0"),
     ("mixup", lambda v: v >= 0, ">= 0"),
+    ("ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("cutmix", lambda v: v >= 0, ">= 0"),
     ("log_every", lambda v: v >= 0, ">= 0"),
     ("checkpoint_every", lambda v: v >= 0, ">= 0"),
@@ -1085,6 +1088,28 @@ def head_names(model) -> set[str]:
     return {f"{last}.{p}" for p, _ in model.get_submodule(last).named_parameters()}
 
 
+def make_ema(cfg: Config, model):
+    """torch's AveragedModel with an EMA update, BatchNorm buffers averaged too; the same on
+    every process (it averages the synchronized weights)."""
+    if not cfg.ema_decay:
+        return None
+    swa = torch.optim.swa_utils
+    return swa.AveragedModel(model, multi_avg_fn=swa.get_ema_multi_avg_fn(cfg.ema_decay),
+                             use_buffers=True)
+
+
+def ema_state(ema) -> dict:
+    return {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
+
+
+def load_ema(ema, checkpoint: Path) -> None:
+    if not (checkpoint / "ema.safetensors").exists():
+        raise UsageError(f"checkpoint {checkpoint} holds no EMA (it was written without "
+                         "--ema_decay): resume without it, or start over")
+    state = safetensors.torch.load_file(str(checkpoint / "ema.safetensors"))
+    ema.load_state_dict({k: v.to(ema.n_averaged.device) for k, v in state.items()})
+
+
 def make_optimizer(cfg: Config, model):
     """Two parameter groups, backbone and head; each carries an `lr_scale` that the loop
     applies to lr_at(step). --freeze_backbone leaves the backbone out (and frozen)."""
@@ -1251,7 +1276,7 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(accelerator, run_dir: Path, state: LoopState, identity: dict,
-                    keep: int) -> Path:
+                    keep: int, ema=None) -> Path:
     """Crash-safe: every process writes into a temporary directory, the main process records
     the manifest last, renames the directory into place, and only then prunes old ones."""
     root = run_dir / "checkpoints"
@@ -1272,6 +1297,8 @@ def save_checkpoint(accelerator, run_dir: Path, state: LoopState, identity: dict
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from e
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if ema is not None:  # safetensors, not Accelerate's pickled custom state
+            safetensors.torch.save_file(ema_state(ema), str(tmp / "ema.safetensors"))
         mode = 0o666 & ~current_umask()  # safetensors writes 0600 whatever the umask
         for p in tmp.iterdir():
             p.chmod(mode)
@@ -1552,7 +1579,7 @@ def precise_bn(cfg: Config, accelerator, model, data: Data, epoch: int) -> None:
 
 
 def train(cfg: Config, accelerator, model, optimizer, data: Data, state: LoopState,
-          run_dir: Path, identity: dict, log: MetricsLog, stop: StopFlag) -> int:
+          run_dir: Path, identity: dict, log: MetricsLog, stop: StopFlag, ema=None) -> int:
     loader, meta, rank = data.train, data.meta, accelerator.process_index
     batches = len(loader)                     # micro-batches per process per epoch
     accum = cfg.gradient_accumulation_steps
@@ -1563,7 +1590,7 @@ def train(cfg: Config, accelerator, model, optimizer, data: Data, state: LoopSta
     aug = torch.Generator(device=accelerator.device)
     norm = normalizer(meta, accelerator.device)
     mix = mixer(cfg, meta["num_classes"])
-    if stopped_before_start(cfg, accelerator, model, data, state, log, stop):
+    if stopped_before_start(cfg, accelerator, model, data, state, log, stop, ema):
         return EXIT_PREEMPTED
     while state.epoch < cfg.epochs:
         model.train()
@@ -1630,7 +1657,7 @@ def train(cfg: Config, accelerator, model, optimizer, data: Data, state: LoopSta
             micro_batches = 0
             after = after_step(cfg, accelerator, model, optimizer, data, state, run_dir,
                                identity, log, bar, clock, total_steps, images_per_step, batches,
-                               stopping, interactive)
+                               stopping, interactive, ema)
             if stopping:
                 print0(accelerator, f"stopped by {stop.signal or 'a signal to another process'} "
                                     f"at step {state.step}: saved {after}; exit "
@@ -1640,7 +1667,7 @@ def train(cfg: Config, accelerator, model, optimizer, data: Data, state: LoopSta
 
 
 def stopped_before_start(cfg: Config, accelerator, model, data: Data, state: LoopState,
-                         log: MetricsLog, stop: StopFlag) -> bool:
+                         log: MetricsLog, stop: StopFlag, ema=None) -> bool:
     """Before the first step: agree on a signal that came during start-up (on any process),
     and finish the evaluation that a resumed epoch-end checkpoint still owes."""
     flag = torch.tensor([float(stop.signal is not None)], device=accelerator.device)
@@ -1650,17 +1677,19 @@ def stopped_before_start(cfg: Config, accelerator, model, data: Data, state: Loo
                             "the same command resumes")
         return True
     if state.evaluated < state.epoch:  # e.g. it failed on a corrupt validation image
-        evaluate_epoch(cfg, accelerator, model, data, state, log)
+        evaluate_epoch(cfg, accelerator, model, data, state, log, ema)
     return False
 
 
 def after_step(cfg: Config, accelerator, model, optimizer, data: Data, state: LoopState,
                run_dir: Path, identity: dict, log: MetricsLog, bar, clock: dict,
                total_steps: int, images_per_step: int, batches: int, stopping: bool,
-               interactive: bool) -> Path | None:
+               interactive: bool, ema=None) -> Path | None:
     """Log, end the epoch, checkpoint, evaluate: what follows an optimizer step. The epoch's
     checkpoint comes before its evaluation, so an evaluation that fails loses no training."""
     clock["log_steps"] += 1
+    if ema is not None:
+        ema.update_parameters(accelerator.unwrap_model(model))
     end_of_epoch = state.batch == batches
     checkpoint = end_of_epoch or stopping or (
         cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0)
@@ -1685,9 +1714,9 @@ def after_step(cfg: Config, accelerator, model, optimizer, data: Data, state: Lo
     if end_of_epoch:
         bar.close()
         end_epoch(accelerator, state, clock["epoch"])
-    path = save_checkpoint(accelerator, run_dir, state, identity, cfg.keep_checkpoints)
+    path = save_checkpoint(accelerator, run_dir, state, identity, cfg.keep_checkpoints, ema)
     if state.evaluated < state.epoch:
-        evaluate_epoch(cfg, accelerator, model, data, state, log)
+        evaluate_epoch(cfg, accelerator, model, data, state, log, ema)
     clock["train"] = time.perf_counter()
     return path
 
@@ -1705,11 +1734,15 @@ def end_epoch(accelerator, state: LoopState, t_epoch: float) -> None:
 
 
 def evaluate_epoch(cfg: Config, accelerator, model, data: Data, state: LoopState,
-                   log: MetricsLog) -> None:
+                   log: MetricsLog, ema=None) -> None:
     """Evaluate the epoch just finished (after its checkpoint) and report it."""
     precise_bn(cfg, accelerator, model, data, state.epoch)
     metrics = {**state.last_metrics,
                **evaluate(accelerator, model, data.val, data.meta, cfg.channels_last)}
+    if ema is not None:  # its BatchNorm statistics recomputed for its weights as well
+        precise_bn(cfg, accelerator, ema.module, data, state.epoch)
+        averaged = evaluate(accelerator, ema.module, data.val, data.meta, cfg.channels_last)
+        metrics.update(val_acc_ema=averaged["val_acc"], val_loss_ema=averaged["val_loss"])
     model.train()
     metrics["peak_rss_mb"], metrics["peak_device_mb"] = peak_memory_mb(accelerator)
     state.evaluated, state.last_metrics = state.epoch, metrics
@@ -1720,7 +1753,9 @@ def evaluate_epoch(cfg: Config, accelerator, model, data: Data, state: LoopState
     print0(accelerator,
            f"epoch {state.epoch}/{cfg.epochs}  train loss {metrics['train_loss']:.4f} "
            f"acc {metrics['train_acc']:.2%}  val loss {metrics['val_loss']:.4f} "
-           f"acc {metrics['val_acc']:.2%}  {metrics['epoch_time_s']:.2f}s  {rate:.0f} img/s "
+           f"acc {metrics['val_acc']:.2%}  "
+           + (f"ema acc {metrics['val_acc_ema']:.2%}  " if ema is not None else "")
+           + f"{metrics['epoch_time_s']:.2f}s  {rate:.0f} img/s "
            f"({rate / accelerator.num_processes:.0f}/process)  peak "
            f"{metrics['peak_rss_mb']:.0f} MB")
 
@@ -1787,6 +1822,7 @@ def run_training(cfg: Config, accelerator, run_dir: Path, hub: str | None, stop:
             model = model.to(memory_format=torch.channels_last)
         optimizer = make_optimizer(cfg, model)
         model, optimizer = accelerator.prepare(model, optimizer)
+        ema = make_ema(cfg, accelerator.unwrap_model(model))
         state = LoopState()
         if resume is not None:
             try:
@@ -1796,6 +1832,8 @@ def run_training(cfg: Config, accelerator, run_dir: Path, hub: str | None, stop:
                                  "--resume another checkpoint") from None
             check_loop_state(state, len(data.train), cfg.gradient_accumulation_steps, resume)
             accelerator.load_state(str(resume))
+            if ema is not None:
+                load_ema(ema, resume)
             print0(accelerator, f"resumed from {resume} (epoch {state.epoch + 1}, batch "
                                 f"{state.batch}, step {state.step})")
             note_changes(accelerator, asked, run_dir)
@@ -1806,10 +1844,10 @@ def run_training(cfg: Config, accelerator, run_dir: Path, hub: str | None, stop:
                                       config=tracker_config(cfg))
         try:
             code = train(cfg, accelerator, model, optimizer, data, state, run_dir, identity,
-                         log, stop)
+                         log, stop, ema)
             if code == EXIT_OK:
                 write_results(cfg, accelerator, model, data, state, run_dir, meta,
-                              time.perf_counter() - t_start, resume)
+                              time.perf_counter() - t_start, resume, ema)
             return code
         finally:
             accelerator.end_training()  # trackers closed, process group destroyed
@@ -1852,7 +1890,8 @@ def write_config(asked: Config, cfg: Config, accelerator, run_dir: Path, identit
 
 
 def write_results(cfg: Config, accelerator, model, data: Data, state: LoopState,
-                  run_dir: Path, meta: dict, wall_time: float, resume: Path | None) -> None:
+                  run_dir: Path, meta: dict, wall_time: float, resume: Path | None,
+                  ema=None) -> None:
     rss, dev = peak_memory_mb(accelerator)
     images = cfg.epochs * len(data.train) * cfg.batch_size * accelerator.num_processes
     results = {**state.last_metrics, "steps": state.step, "epochs": cfg.epochs,
@@ -1866,6 +1905,8 @@ def write_results(cfg: Config, accelerator, model, data: Data, state: LoopState,
                "resumed_from": str(resume) if resume is not None else None}
     if accelerator.is_main_process:
         save_weights(accelerator.unwrap_model(model), run_dir / "model.safetensors", meta)
+        if ema is not None:
+            save_weights(ema.module, run_dir / "model_ema.safetensors", meta)
         write_json(run_dir / "results.json", results)
     print0(accelerator, f"done: val acc {results['val_acc']:.2%}, {state.step} steps, "
                         f"{wall_time:.1f}s (whole process, imports included); wrote {run_dir}")
