@@ -183,7 +183,10 @@ class Config:
     threads: int = opt(0, "CPU threads per process; 0 = torch's default (OMP_NUM_THREADS)")
     # evaluation only
     eval_only: bool = opt(False, "evaluate --weights, no training")
-    weights: str | None = opt(None, "for --eval_only: a run directory or a model.safetensors")
+    weights: str | None = opt(None, "for --eval_only and --predict: a run directory or a "
+                              "model.safetensors")
+    predict: str | None = opt(None, "with --weights: write predictions.csv (top-5 classes and "
+                              "probabilities) for this image file or folder (searched deeply)")
     split: str | None = opt(None, "for --eval_only: the split to evaluate; default: the "
                             "validation split the weights were trained with, or for another "
                             "--dataset its validation/test split, else all of it")
@@ -249,10 +252,12 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, set[str]]:
     signal_numbers(cfg.stop_signals)
     if cfg.eval_only and not cfg.weights:
         raise UsageError("--eval_only needs --weights RUN_DIR_OR_MODEL_SAFETENSORS")
+    if cfg.predict and not cfg.weights:
+        raise UsageError("--predict needs --weights RUN_DIR_OR_MODEL_SAFETENSORS")
     for flag in ("weights", "split"):
-        if flag in given and not cfg.eval_only:
-            raise UsageError(f"--{flag} goes with --eval_only (evaluate saved weights); drop it "
-                             "to train")
+        if flag in given and not (cfg.eval_only or (cfg.predict and flag == "weights")):
+            raise UsageError(f"--{flag} goes with --eval_only (evaluate saved weights) or "
+                             "--predict; drop it to train")
     if cfg.resume not in ("auto", "none") and cfg.overwrite:
         raise UsageError(f"--resume {cfg.resume} continues that checkpoint, --overwrite would "
                          "delete it: drop --overwrite")
@@ -1947,6 +1952,57 @@ def run_eval_only(cfg: Config, given: set[str], accelerator, run_dir: Path, hub:
     return EXIT_OK
 
 
+def run_predict(cfg: Config, accelerator, run_dir: Path) -> int:
+    """predictions.csv: each image under --predict once (the processes take every n-th file),
+    decoded and normalized as the weights' run did, with its top classes and probabilities."""
+    weights, meta = read_weights(cfg.weights)
+    check_weights(weights, meta, cfg.weights)
+    root = Path(cfg.predict).expanduser()
+    images = {e for e, fmt in PIL.Image.registered_extensions().items() if fmt in PIL.Image.OPEN}
+    files = [root] if root.is_file() else sorted(
+        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in images
+        and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise UsageError(f"--predict {cfg.predict}: no image files there")
+    if (run_dir / "predictions.csv").exists() and not cfg.overwrite:
+        raise UsageError(f"{run_dir} already holds predictions.csv; use another --output_dir, "
+                         "or --overwrite")
+    mine = files[accelerator.process_index::accelerator.num_processes]
+    split = datasets.Dataset.from_dict({"image": [str(f) for f in mine], "label": [0] * len(mine)},
+                                       features=datasets.Features({
+                                           "image": datasets.Image(decode=False),
+                                           "label": datasets.Value("int64")}))
+    loader = torch.utils.data.DataLoader(
+        Decoded(split, "image", "label", "L" if meta["channels"] == 1 else "RGB",
+                tuple(meta["image_size"])), batch_size=cfg.batch_size or 64,
+        num_workers=worker_count(cfg), worker_init_fn=ignore_stop_signals)
+    model = build_model(meta)
+    model.load_state_dict(weights)
+    model = model.to(accelerator.device).eval()
+    norm, k, rows = normalizer(meta, accelerator.device), min(5, meta["num_classes"]), []
+    with torch.no_grad():
+        for images, _ in loader:
+            x = to_input(images.to(accelerator.device), norm, cfg.channels_last)
+            probs, classes = model(x).float().softmax(1).topk(k, 1)
+            for p, c in zip(probs.tolist(), classes.tolist()):
+                name = mine[len(rows)]
+                rows.append([str(name.relative_to(root)) if name != root else name.name,
+                             *[v for i, q in zip(c, p) for v in (meta["class_names"][i],
+                                                                 f"{q:.6f}")]])
+    rows = accelerate.utils.gather_object(rows)
+    if accelerator.is_main_process:
+        import csv
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "predictions.csv", "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["file"] + [f"{w}_{i}" for i in range(1, k + 1)
+                                     for w in ("label", "probability")])
+            out.writerows(sorted(rows))
+    print0(accelerator, f"predicted {len(rows)} images; wrote {run_dir / 'predictions.csv'}")
+    accelerator.end_training()
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     stop = StopFlag(Config.stop_signals)  # first: from here on a stop signal means exit 75
@@ -1970,10 +2026,13 @@ def main(argv: list[str] | None = None) -> int:
                              f"GPU(s): launch {gpus} process(es) per machine (accelerate launch "
                              f"--num_processes {gpus}, or plain `accelerate launch train.py`)")
         accelerate.PartialState(cpu=cpu)  # the process group: the run directory is agreed on it
-        run_dir, made = resolve_run_dir(cfg, "eval" if cfg.eval_only else cfg.model)
+        run_dir, made = resolve_run_dir(cfg, "eval" if cfg.eval_only else "predict"
+                                        if cfg.predict else cfg.model)
         accelerator = make_accelerator(cfg, cpu, run_dir)
         if contended:
             print0(accelerator, contended)
+        if cfg.predict:
+            return run_predict(cfg, accelerator, run_dir)
         if cfg.eval_only:
             return run_eval_only(cfg, given, accelerator, run_dir, hub, t_start)
         return run_training(cfg, accelerator, run_dir, hub, stop, t_start)

@@ -195,3 +195,34 @@ def test_ema_is_saved_resumed_bit_exact_and_the_same_on_every_process(tmp_path):
     assert run_main("--eval_only", "--weights", two / "model_ema.safetensors",
                     "--output_dir", tmp_path / "eval") == 0
     assert results(tmp_path / "eval")["val_acc"] == results(two)["val_acc_ema"]
+
+
+def test_predict_writes_each_file_once_with_the_runs_preprocessing(tmp_path, image_folder):
+    """--predict: a folder searched deeply (and a single file); with 2 processes every file
+    appears exactly once, with the same classes and probabilities as with 1."""
+    import csv
+    run = tmp_path / "run"
+    assert run_main("--dataset", image_folder, "--epochs", 6, "--batch_size", 16,
+                    "--output_dir", run) == 0
+    one = tmp_path / "one"
+    assert run_main("--predict", image_folder / "validation", "--weights", run,
+                    "--output_dir", one) == 0
+    finish(["--predict", image_folder / "validation", "--weights", run,
+            "--output_dir", tmp_path / "two"], nproc=2)
+    read = lambda d: list(csv.reader(open(d / "predictions.csv")))  # noqa: E731
+    rows1, rows2 = read(one), read(tmp_path / "two")
+    files = sorted(str(p.relative_to(image_folder / "validation"))
+                   for p in (image_folder / "validation").rglob("*.*"))
+    assert rows1[0] == ["file", "label_1", "probability_1", "label_2", "probability_2",
+                        "label_3", "probability_3"]  # 3 classes: top-3
+    assert [r[0] for r in rows1[1:]] == files == [r[0] for r in rows2[1:]]
+    for a, b in zip(rows1[1:], rows2[1:]):
+        assert a[1::2] == b[1::2]
+        assert all(abs(float(x) - float(y)) < 1e-5 for x, y in zip(a[2::2], b[2::2]))
+        assert abs(sum(float(x) for x in a[2::2]) - 1) < 1e-4
+    right = sum(r[1] == r[0].split("/")[0] for r in rows1[1:]) / len(files)
+    assert abs(right - results(run)["val_acc"]) <= 1 / len(files)  # its validation images
+    single = files[0]
+    assert run_main("--predict", image_folder / "validation" / single, "--weights", run,
+                    "--output_dir", tmp_path / "single") == 0
+    assert [r[0] for r in read(tmp_path / "single")[1:]] == [Path(single).name]
