@@ -8,20 +8,23 @@ processes, mixed precision, accumulation and state; Hugging Face `datasets` owns
     torchrun --nproc_per_node 2 train.py      # on a CPU-only machine: 2 gloo processes
     sbatch slurm/multi_node.sbatch --dataset /data/imagenette --epochs 30
     python train.py --eval_only --weights runs/x --dataset ./other_images --output_dir runs/x-eval
+    python train.py --dataset ./photos --model resnet18 --pretrained --freeze_backbone
+    python train.py --predict ./new_photos --weights runs/x --output_dir runs/x-predict
 
 Evidence (2-core x86 CPU, no GPU): the default run reaches 99.2% validation accuracy on
 digits (98.1-99.2% over seeds 0-4); its 8 epochs train in 0.5-1 s, the whole process (imports
-included) takes 6-9 s.
-README.md has the details.
+included) takes 6-9 s. README.md has the details.
 
 Contents, in the order data flows:
     configuration    Config (every flag), CHECKS, parse_config, StopFlag (signals)
-    libraries        import_libraries (after the flags: --help answers at once), make_accelerator
-    data             load_source, find_columns, load_splits, image properties, decode, loaders
-    model            the small CNN, torchvision models, optimizer, lr_at
+    libraries        the OpenMP wait policy, import_libraries (after the flags), make_accelerator
+    data             load_source (image folders: one walk), columns, splits, image properties,
+                     decode (aspect kept, EXIF, 16-bit), loaders (memory or stream)
+    augmentation     pad-and-crop + flip on the device, normalization
+    model            the small CNN, torchvision models, starting weights, EMA, optimizer, mixing
     run directory    the lock, LoopState, crash-safe checkpoints, metrics.jsonl, weights
-    the loop         train (the update step), end_epoch, evaluate_epoch (PreciseBN + exact metrics)
-    main             run_training, run_eval_only, main
+    the loop         train (the update step), after_step, evaluate_epoch (PreciseBN, metrics)
+    main             run_training, run_eval_only, run_predict, main
 
 A run directory holds config.json, metrics.jsonl, results.json, model.safetensors and
 checkpoints/step_XXXXXXXX/. Re-running the same command resumes from the newest complete

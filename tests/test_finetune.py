@@ -32,6 +32,16 @@ def digits_subset(path: Path, classes: list[int], images: slice) -> Path:
     return path
 
 
+def stopped_and_resumed(args: list, run: Path) -> None:
+    """Start a run, stop it with SIGUSR1 after step 12 (exit 75), then finish it."""
+    proc = start([*args, "--output_dir", run])
+    wait_for_step(proc, 12)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=120) == 75
+    proc.stdout.close()
+    finish([*args, "--output_dir", run])
+
+
 @pytest.fixture(scope="module")
 def first_half(tmp_path_factory) -> Path:
     """A cnn trained on 60 images of each digit: the weights the other tests start from."""
@@ -162,12 +172,7 @@ def test_mixup_and_cutmix_train_identically_in_both_modes_and_resume_bit_exact(t
     # mixed targets: the running train accuracy (against the unmixed labels) stays well below
     assert results(tmp_path / "m")["train_acc"] < results(tmp_path / "plain")["train_acc"] - 0.1
     args = [*mix, "--checkpoint_every", 5, "--log_every", 1]
-    proc = start([*args, "--output_dir", tmp_path / "run"])
-    wait_for_step(proc, 12)
-    proc.send_signal(signal.SIGUSR1)
-    assert proc.wait(timeout=120) == 75
-    proc.stdout.close()
-    finish([*args, "--output_dir", tmp_path / "run"])
+    stopped_and_resumed(args, tmp_path / "run")
     finish([*args, "--output_dir", tmp_path / "ref"])
     assert_same_weights(tmp_path / "run", tmp_path / "ref")
 
@@ -177,12 +182,7 @@ def test_ema_is_saved_resumed_bit_exact_and_the_same_on_every_process(tmp_path):
     beside the weights; with 2 processes its gathered validation accuracy equals a 1-process
     evaluation of the saved EMA weights, so every process held the same average."""
     args = ["--ema_decay", 0.9, "--epochs", 2, "--checkpoint_every", 5, "--log_every", 1]
-    proc = start([*args, "--output_dir", tmp_path / "run"])
-    wait_for_step(proc, 12)
-    proc.send_signal(signal.SIGUSR1)
-    assert proc.wait(timeout=120) == 75
-    proc.stdout.close()
-    finish([*args, "--output_dir", tmp_path / "run"])
+    stopped_and_resumed(args, tmp_path / "run")
     finish([*args, "--output_dir", tmp_path / "ref"])
     a = load_file(str(tmp_path / "run" / "model_ema.safetensors"))
     b = load_file(str(tmp_path / "ref" / "model_ema.safetensors"))
