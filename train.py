@@ -930,6 +930,9 @@ def build_data(cfg: Config, accelerator, hub: str | None) -> Data:
             "class_names": s.class_names, "num_classes": len(s.class_names), "model": cfg.model,
             "crop_padding": cfg.crop_padding if cfg.crop_padding >= 0 else min(h, w) // 8}
     per_process = len(s.train) // accelerator.num_processes
+    if per_process == 0:
+        raise UsageError(f"{len(s.train)} training images cannot be shared by "
+                         f"{accelerator.num_processes} processes; use fewer processes")
     batch_note = ""
     if cfg.batch_size:
         batch = cfg.batch_size
@@ -1394,7 +1397,7 @@ def prepare_run_dir(cfg: Config, run_dir: Path, identity: dict, accelerator
     resume = Path(answer[0]) if answer[0] else None
     if resume is not None:
         saved = json.loads((resume / "loop_state.json").read_text())["identity"]
-        diff = [k for k in identity if saved.get(k) != identity[k]]
+        diff = [k for k in identity if k in saved and saved[k] != identity[k]]  # older: fewer
         if diff:
             raise UsageError(
                 f"checkpoint {resume} belongs to a different run: " + "; ".join(
@@ -1567,8 +1570,9 @@ def precise_bn(cfg: Config, accelerator, model, data: Data, epoch: int) -> None:
     dataset, ranks = data.train.dataset, accelerator.num_processes
     picked = epoch_permutation(len(dataset), cfg.seed, epoch)[:cfg.precise_bn]
     mine = picked[accelerator.process_index::ranks][:len(picked) // ranks].tolist()
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, mine), batch_size=data.resolved["batch_size"],
+    batch = data.resolved["batch_size"]
+    loader = torch.utils.data.DataLoader(  # full batches: BatchNorm cannot take one image
+        torch.utils.data.Subset(dataset, mine), batch_size=batch, drop_last=len(mine) >= batch,
         collate_fn=as_is if isinstance(dataset, InMemory) else None,
         num_workers=data.resolved["num_workers"] if isinstance(dataset, Decoded) else 0,
         worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(cfg.seed))
