@@ -127,6 +127,15 @@ class Config:
     crop_padding: int = opt(-1, "random-crop padding in pixels; -1 = image_size // 8, 0 = off")
     hflip: str = opt("auto", "random horizontal flips; auto = on for colour data, off for "
                      "grayscale", ("auto", "yes", "no"))
+    recipe: str = opt("auto", "augmentation. small: random crop of the zero-padded image "
+                      "(--crop_padding) + flips (CIFAR's); photo: random resized crop + flips, "
+                      "and evaluation on the resized image's centre (--crop_fraction) "
+                      "(torchvision's ImageNet recipe); auto: photo from 64 px up",
+                      ("auto", "small", "photo"))
+    crop_scale: float = opt(0.08, "photo: smallest random crop, as a fraction of the image's "
+                            "area (largest: all of it; aspect ratio 3/4 to 4/3)")
+    crop_fraction: float = opt(0.875, "photo: evaluation resizes the image to size / this, "
+                               "then crops the centre")
     # model
     model: str = opt("cnn", "'cnn' (small, defined here) or a torchvision classifier: resnet18")
     pretrained: str | None = opt(None, "torchvision's weights for --model: DEFAULT or a name "
@@ -211,6 +220,8 @@ CHECKS = [  # (field, ok, requirement)
     ("warmup_steps", lambda v: v >= 0, ">= 0"),
     ("precise_bn", lambda v: v >= 0, ">= 0"),
     ("head_lr_scale", lambda v: v > 0, "> 0"),
+    ("crop_scale", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("crop_fraction", lambda v: 0.2 <= v <= 1, "in [0.2, 1]"),
     ("mixup", lambda v: v >= 0, ">= 0"),
     ("ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("cutmix", lambda v: v >= 0, ">= 0"),
@@ -753,16 +764,17 @@ def image_properties(cfg: Config, model: str, sizes: list[tuple[int, int]], colo
     return {"channels": channels, "image_size": list(size), "hflip": hflip}, note
 
 
-def decode(image: dict, mode: str, size: tuple[int, int], where: str):
+def decode(image: dict, mode: str, size: tuple[int, int], where: str, cover: float = 1.0):
     """One stored image (bytes or path) -> uint8 C x H x W tensor of the given mode and size:
-    EXIF orientation applied, 16-bit pixels scaled to 8 bits, scaled to cover `size` with its
-    aspect ratio kept, then the centre cropped (the torchvision convention; never stretched)."""
+    EXIF orientation applied, 16-bit pixels scaled to 8 bits, scaled to cover `size` / `cover`
+    with its aspect ratio kept, then the centre cropped (the torchvision convention; never
+    stretched). cover < 1 is the photo recipe's evaluation: resize to 256, crop 224."""
     h, w = size
     try:
         with open_image(image) as im:
             turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
             shown = im.size[::-1] if not turned else im.size  # displayed (height, width)
-            scale = max(h / shown[0], w / shown[1])
+            scale = max(h / shown[0], w / shown[1]) / cover
             if im.format == "JPEG" and scale < 0.5:  # decode at 1/2..1/8 scale: photos 4-16x faster
                 im.draft(None, (math.ceil(im.size[0] * scale), math.ceil(im.size[1] * scale)))
             PIL.ImageOps.exif_transpose(im, in_place=True)
@@ -774,7 +786,7 @@ def decode(image: dict, mode: str, size: tuple[int, int], where: str):
         raise unreadable(image, where, e) from None
     ih, iw = pixels.shape[-2:]
     if (ih, iw) != (h, w):
-        scale = max(h / ih, w / iw)
+        scale = max(h / ih, w / iw) / cover
         pixels = TF.resize(pixels, [max(h, round(ih * scale)), max(w, round(iw * scale))],
                            antialias=True)
         pixels = TF.center_crop(pixels, [h, w])
@@ -784,16 +796,18 @@ def decode(image: dict, mode: str, size: tuple[int, int], where: str):
 class Decoded:
     """Rows of a split as (uint8 image, label); the decoding runs in loader workers."""
 
-    def __init__(self, split, image_col: str, label_col: str, mode: str, size: tuple[int, int]):
+    def __init__(self, split, image_col: str, label_col: str, mode: str, size: tuple[int, int],
+                 cover: float = 1.0):
         self.split, self.image_col, self.label_col = split, image_col, label_col
-        self.mode, self.size = mode, size
+        self.mode, self.size, self.cover = mode, size, cover
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int):
         row = self.split[i]
-        return decode(row[self.image_col], self.mode, self.size, f"row {i}"), row[self.label_col]
+        image = decode(row[self.image_col], self.mode, self.size, f"row {i}", self.cover)
+        return image, row[self.label_col]
 
 
 class EpochSampler:
@@ -874,8 +888,20 @@ def auto_batch_size(cfg: Config, per_process: int) -> tuple[int, str]:
     return batch, note
 
 
-def decoded_gb(splits: list, meta: dict) -> float:
+def stored(meta: dict, train: bool) -> tuple[tuple[int, int], float]:
+    """The size images are decoded to and the `cover` of decode(). Photo recipe: training
+    images keep all of the (centre-squared) image at size / crop_fraction for the random
+    resized crops; evaluation images are the centre crop of that."""
     h, w = meta["image_size"]
+    if meta.get("recipe") != "photo":
+        return (h, w), 1.0
+    if train:
+        return (round(h / meta["crop_fraction"]), round(w / meta["crop_fraction"])), 1.0
+    return (h, w), meta["crop_fraction"]
+
+
+def decoded_gb(splits: list, meta: dict) -> float:
+    (h, w), _ = stored(meta, train=True)  # an upper bound for the evaluation split
     return sum(len(s) for s in splits) * meta["channels"] * h * w / 1e9
 
 
@@ -883,7 +909,7 @@ def make_loader(accelerator, split, image_col: str, label_col: str, meta: dict, 
                 batch_size: int, workers: int, sampler: EpochSampler | None, seed: int):
     """A prepared loader of (uint8 images, labels) on the device, from memory or streamed."""
     dataset = Decoded(split, image_col, label_col, "L" if meta["channels"] == 1 else "RGB",
-                      tuple(meta["image_size"]))
+                      *stored(meta, train=sampler is not None))
     if mode == "memory":
         # Decoded once through the same per-sample path; workers only pay off when large.
         whole = torch.utils.data.DataLoader(dataset, batch_size=512,
@@ -928,7 +954,9 @@ def build_data(cfg: Config, accelerator, hub: str | None) -> Data:
     meta = {**props, **(stats or {"mean": [0.5] * props["channels"],
                                   "std": [0.5] * props["channels"]}),
             "class_names": s.class_names, "num_classes": len(s.class_names), "model": cfg.model,
-            "crop_padding": cfg.crop_padding if cfg.crop_padding >= 0 else min(h, w) // 8}
+            "crop_padding": cfg.crop_padding if cfg.crop_padding >= 0 else min(h, w) // 8,
+            "recipe": cfg.recipe if cfg.recipe != "auto" else "photo" if min(h, w) >= 64
+            else "small", "crop_scale": cfg.crop_scale, "crop_fraction": cfg.crop_fraction}
     per_process = len(s.train) // accelerator.num_processes
     if per_process == 0:
         raise UsageError(f"{len(s.train)} training images cannot be shared by "
@@ -956,6 +984,7 @@ def build_data(cfg: Config, accelerator, hub: str | None) -> Data:
     val = make_loader(accelerator, s.val, *args, None, cfg.seed)
     resolved = {"batch_size": batch, "image_size": [h, w], "channels": props["channels"],
                 "hflip": props["hflip"], "crop_padding": meta["crop_padding"],
+                "recipe": meta["recipe"],
                 "data_mode": mode, "num_workers": workers, "image_column": s.image_col,
                 "label_column": s.label_col, "train_count": len(s.train),
                 "val_count": len(s.val)}
@@ -1024,6 +1053,26 @@ def augment(images, padding: int, hflip: bool, gen):
     index = window + offsets[pick]  # n x (h * w)
     padded = F.pad(images, (padding,) * 4).flatten(2)
     return padded.gather(2, index.unsqueeze(1).expand(n, c, h * w)).view(n, c, h, w)
+
+
+def resized_crop(images, size: list[int], min_scale: float, hflip: bool, gen):
+    """The photo recipe's training crop: torchvision's RandomResizedCrop (area min_scale..1 of
+    the image, aspect ratio 3/4..4/3 drawn log-uniformly; a box wider than the image is
+    clipped to it where torchvision draws again) and a horizontal flip, for the whole batch on
+    the device: one roi_align (bilinear, 2x2 samples per output pixel), each image its own
+    box. Returns float pixels, 0-255."""
+    n, _, t, s = images.shape
+    u = torch.rand(n, 5, generator=gen, device=images.device)
+    area = (min_scale + (1 - min_scale) * u[:, 0]) * t * s
+    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[:, 1])
+    w, h = (area * ratio).sqrt().clamp(max=s), (area / ratio).sqrt().clamp(max=t)
+    x0, y0 = u[:, 2] * (s - w), u[:, 3] * (t - h)
+    boxes = torch.stack([torch.arange(n, device=images.device, dtype=torch.float), x0, y0,
+                         x0 + w, y0 + h], 1)
+    out = torchvision.ops.roi_align(images.float(), boxes, list(size), 1.0, 2, aligned=True)
+    if hflip:
+        out = torch.where((u[:, 4] < 0.5).view(n, 1, 1, 1), out.flip(3), out)
+    return out
 
 
 def normalizer(meta: dict, device):
@@ -1578,9 +1627,10 @@ def precise_bn(cfg: Config, accelerator, model, data: Data, epoch: int) -> None:
         worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(cfg.seed))
     norm = normalizer(data.meta, accelerator.device)
     with torch.no_grad():
+        size = data.meta["image_size"]  # the photo recipe stores more: take the eval view
         torch.optim.swa_utils.update_bn(
-            (to_input(images.to(accelerator.device), norm, cfg.channels_last)
-             for images, _ in loader), net)
+            (to_input(TF.center_crop(images.to(accelerator.device), size), norm,
+                      cfg.channels_last) for images, _ in loader), net)
         stats = torch.cat([t for m in norms for t in (m.running_mean, m.running_var)])
         stats = accelerator.reduce(stats, "mean")  # every process evaluates the same model
         for m in norms:
@@ -1623,7 +1673,11 @@ def train(cfg: Config, accelerator, model, optimizer, data: Data, state: LoopSta
                  "train": time.perf_counter(), "log_steps": 0}
         for images, labels in bar:
             aug.manual_seed(hash((cfg.seed, state.epoch, state.batch, rank)) % 2**62)
-            images = augment(images, meta["crop_padding"], meta["hflip"], aug)
+            if meta["recipe"] == "photo":
+                images = resized_crop(images, meta["image_size"], meta["crop_scale"],
+                                      meta["hflip"], aug)
+            else:
+                images = augment(images, meta["crop_padding"], meta["hflip"], aug)
             # Accelerate divides every loss by `accum`, also in a short last group: rescale
             # so that each update is the mean over the micro-batches it really has.
             scale = accum / tail if tail and state.batch >= batches - tail else 1.0
@@ -1981,7 +2035,7 @@ def run_predict(cfg: Config, accelerator, run_dir: Path) -> int:
                                            "label": datasets.Value("int64")}))
     loader = torch.utils.data.DataLoader(
         Decoded(split, "image", "label", "L" if meta["channels"] == 1 else "RGB",
-                tuple(meta["image_size"])), batch_size=cfg.batch_size or 64,
+                *stored(meta, train=False)), batch_size=cfg.batch_size or 64,
         num_workers=worker_count(cfg), worker_init_fn=ignore_stop_signals)
     model = build_model(meta)
     model.load_state_dict(weights)

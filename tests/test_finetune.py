@@ -226,3 +226,65 @@ def test_predict_writes_each_file_once_with_the_runs_preprocessing(tmp_path, ima
     assert run_main("--predict", image_folder / "validation" / single, "--weights", run,
                     "--output_dir", tmp_path / "single") == 0
     assert [r[0] for r in read(tmp_path / "single")[1:]] == [Path(single).name]
+
+
+# ----------------------------------------------------------------------------- photo recipe
+
+def test_photo_recipe_is_the_same_in_both_modes_and_in_evaluation(tmp_path, capsys):
+    """From 64 px up: random resized crops + flips on the device (both input paths hand it the
+    same stored pixels and the same seeded draws, so the models are bit-identical), and the
+    evaluation's resize-then-centre-crop is what --eval_only and the run itself use."""
+    from own_data import nested_folder
+    photos = nested_folder(tmp_path / "photos", per_class=24)
+    common = ["--dataset", photos, "--image_size", 64, "--epochs", 2, "--keep_checkpoints", 1]
+    assert run_main(*common, "--data_mode", "memory", "--output_dir", tmp_path / "m") == 0
+    assert run_main(*common, "--data_mode", "stream", "--num_workers", 1,
+                    "--output_dir", tmp_path / "s") == 0
+    assert_same_weights(tmp_path / "m", tmp_path / "s")
+    meta = train.read_weights(str(tmp_path / "m"))[1]
+    assert (meta["recipe"], meta["crop_scale"], meta["crop_fraction"]) == ("photo", 0.08, 0.875)
+    assert results(tmp_path / "m")["val_acc"] >= 0.7
+    assert run_main("--eval_only", "--weights", tmp_path / "m",
+                    "--output_dir", tmp_path / "e") == 0
+    assert results(tmp_path / "e")["val_acc"] == results(tmp_path / "m")["val_acc"]
+
+
+def test_resized_crops_follow_torchvisions_distribution():
+    """Each output is a box of the input (pixels encode their coordinates) whose area and
+    aspect ratio are drawn as torchvision's RandomResizedCrop draws them."""
+    import torchvision
+    t = 200
+    ys, xs = torch.meshgrid(torch.arange(t), torch.arange(t), indexing="ij")
+    image = torch.stack([xs, ys, xs * 0]).to(torch.uint8)  # x, y, 0 (t < 256)
+    batch = image.expand(2000, 3, t, t)
+    out = train.resized_crop(batch, [32, 32], 0.08, False, torch.Generator().manual_seed(0))
+    assert out.shape == (2000, 3, 32, 32) and out.dtype == torch.float32
+    width = out[:, 0].amax((1, 2)) - out[:, 0].amin((1, 2)) + 1  # about the box, in pixels
+    height = out[:, 1].amax((1, 2)) - out[:, 1].amin((1, 2)) + 1
+    area = (width * height / t**2).numpy()
+    assert area.min() > 0.06 and area.max() <= 1.0
+    ratio = (width / height).numpy()
+    assert ratio.min() > 0.6 and ratio.max() < 1.6
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    ref = [torchvision.transforms.RandomResizedCrop.get_params(image, [0.08, 1], [3 / 4, 4 / 3])
+           for _ in range(2000)]
+    ref_area = [h * w / t**2 for _, _, h, w in ref]
+    assert abs(area.mean() - sum(ref_area) / len(ref_area)) < 0.04
+    flipped = train.resized_crop(batch[:400], [32, 32], 1.0, True, gen)  # whole image, flips
+    left_to_right = (flipped[:, 0, :, -1] > flipped[:, 0, :, 0]).all(1)
+    assert 120 < int(left_to_right.sum()) < 280
+
+
+def test_evaluation_view_is_resize_then_centre_crop(tmp_path):
+    """decode with cover 0.875 at 32 px: the shorter side resized to 32 / 0.875 (37), then the
+    centre 32 x 32: torchvision's ImageNet evaluation transform."""
+    import PIL.Image
+    from torchvision.transforms.v2 import functional as TF
+    rng = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (3, 90, 120), generator=rng, dtype=torch.uint8)
+    path = tmp_path / "x.png"
+    PIL.Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(path)
+    got = train.decode({"bytes": None, "path": str(path)}, "RGB", (32, 32), "x", 0.875)
+    want = TF.center_crop(TF.resize(pixels, [37, 49], antialias=True), [32, 32])
+    assert torch.equal(got, want)
