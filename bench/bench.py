@@ -5,6 +5,7 @@ a/c and b/c; then the whole default `python train.py` (imports included).
 
     python bench/bench.py                      # both cases, CPU or whatever device is there
     python bench/bench.py --case cnn --repeats 3
+    python bench/bench.py --case photos        # resnet18, 64 px photo recipe, 600 JPEGs
     python bench/bench.py --mixed_precision bf16 [--compile]     # on a GPU
 
 Not a test: timings on shared machines are noisy, so it reports, it does not assert.
@@ -24,15 +25,35 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = {  # name: (train.py flags, epochs)
+CASES = {  # name: (train.py flags, epochs); PHOTOS is made by the bench
     "cnn": (["--model", "cnn"], 8),
     "resnet18": (["--model", "resnet18", "--image_size", "32"], 2),
+    "photos": (["--model", "resnet18", "--image_size", "64", "--dataset", "PHOTOS"], 1),
 }
 
 
+def make_photos(root: Path, per_class: int = 300) -> Path:
+    """A folder of real-looking photos: 2 classes of random crops (150-400 px, any aspect)
+    of scikit-learn's two sample photos, saved as JPEG."""
+    import numpy as np
+    import PIL.Image
+    from sklearn.datasets import load_sample_images
+    rng = np.random.default_rng(0)
+    for name, photo in zip(("china", "flower"), load_sample_images().images):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            w, h = (int(v) for v in rng.integers(150, 401, size=2))
+            x = int(rng.integers(0, photo.shape[1] - w))
+            y = int(rng.integers(0, photo.shape[0] - h))
+            PIL.Image.fromarray(photo[y:y + h, x:x + w]).save(root / name / f"{i:04d}.jpg",
+                                                               quality=90)
+    return root
+
+
 def bare_loop(model_name: str, image_size: int, epochs: int, batch_size: int,
-              mixed_precision: str, compile_model: bool) -> dict:
-    """The limit for this model here: preloaded normalized tensors, no loader, no augmentation."""
+              mixed_precision: str, compile_model: bool, dataset: str = "digits") -> dict:
+    """The limit for this model here: preloaded normalized tensors, no loader; no
+    augmentation, except the photo recipe's random resized crops (the same function)."""
     sys.path.insert(0, str(ROOT))
     import train
     train.choose_wait_policy()  # as train.py decides it, before torch is imported
@@ -40,13 +61,16 @@ def bare_loop(model_name: str, image_size: int, epochs: int, batch_size: int,
     import torch.nn.functional as F
     train.import_libraries()
     cfg = train.Config(model=model_name, image_size=image_size, data_mode="memory",
-                       batch_size=batch_size, precise_bn=0)
+                       batch_size=batch_size, precise_bn=0, dataset=dataset)
     train.accelerate.PartialState(cpu=not torch.cuda.is_available())
     acc = train.accelerate.Accelerator(cpu=not torch.cuda.is_available())
     data = train.build_data(cfg, acc, None)
     device = acc.device
     norm = train.normalizer(data.meta, device)
-    x = train.to_input(data.train.dataset.images, norm, False)
+    photo = data.meta["recipe"] == "photo"
+    x = data.train.dataset.images if photo else train.to_input(data.train.dataset.images, norm,
+                                                                False)
+    gen = torch.Generator(device=device).manual_seed(0)
     y = data.train.dataset.labels
     torch.manual_seed(0)
     model = train.build_model(data.meta).to(device)
@@ -63,8 +87,10 @@ def bare_loop(model_name: str, image_size: int, epochs: int, batch_size: int,
         model.train()
         for i in range(0, n - batch_size + 1, batch_size):
             idx = perm[i:i + batch_size]
+            xb = train.to_input(train.resized_crop(x[idx], data.meta["image_size"], 0.08, True,
+                                                   gen), norm, False) if photo else x[idx]
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = F.cross_entropy(model(x[idx]), y[idx])
+                loss = F.cross_entropy(model(xb), y[idx])
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -106,9 +132,9 @@ def main() -> None:
     p.add_argument("--bare", help=argparse.SUPPRESS)  # internal: run the bare loop, print JSON
     args = p.parse_args()
     if args.bare:
-        name, size, epochs = args.bare.split(",")
+        name, size, epochs, dataset = args.bare.split(",")
         print(json.dumps(bare_loop(name, int(size), int(epochs), args.batch_size,
-                                   args.mixed_precision, args.compile)))
+                                   args.mixed_precision, args.compile, dataset)))
         return
     import torch
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
@@ -120,9 +146,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for case in CASES if args.case == "all" else [args.case]:
             flags, epochs = CASES[case]
+            if "PHOTOS" in flags:
+                flags = [str(make_photos(Path(tmp) / "photos")) if f == "PHOTOS" else f
+                         for f in flags]
             size = flags[flags.index("--image_size") + 1] if "--image_size" in flags else "0"
+            dataset = flags[flags.index("--dataset") + 1] if "--dataset" in flags else "digits"
             common = flags + ["--epochs", str(epochs), "--batch_size", str(args.batch_size)]
-            bare_cmd = [sys.executable, __file__, "--bare", f"{flags[1]},{size},{epochs}",
+            bare_cmd = [sys.executable, __file__, "--bare", f"{flags[1]},{size},{epochs},{dataset}",
                         "--batch_size", str(args.batch_size),
                         "--mixed_precision", args.mixed_precision] + \
                 (["--compile"] if args.compile else [])
