@@ -133,9 +133,11 @@ class Config:
                       "(torchvision's ImageNet recipe); auto: photo from 64 px up",
                       ("auto", "small", "photo"))
     crop_scale: float = opt(0.08, "photo: smallest random crop, as a fraction of the image's "
-                            "area (largest: all of it; aspect ratio 3/4 to 4/3)")
+                            "area (largest: all of it)")
+    crop_ratio: float = opt(4 / 3, "photo: largest aspect ratio of a random crop (smallest: "
+                            "1 / this)")
     crop_fraction: float = opt(0.875, "photo: evaluation resizes the image to size / this, "
-                               "then crops the centre")
+                               "then crops the centre (--pretrained: the weights' own)")
     # model
     model: str = opt("cnn", "'cnn' (small, defined here) or a torchvision classifier: resnet18")
     pretrained: str | None = opt(None, "torchvision's weights for --model: DEFAULT or a name "
@@ -221,6 +223,7 @@ CHECKS = [  # (field, ok, requirement)
     ("precise_bn", lambda v: v >= 0, ">= 0"),
     ("head_lr_scale", lambda v: v > 0, "> 0"),
     ("crop_scale", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("crop_ratio", lambda v: 1 <= v <= 10, "in [1, 10]"),
     ("crop_fraction", lambda v: 0.2 <= v <= 1, "in [0.2, 1]"),
     ("mixup", lambda v: v >= 0, ">= 0"),
     ("ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -948,7 +951,10 @@ def build_data(cfg: Config, accelerator, hub: str | None) -> Data:
     if cfg.pretrained:  # the weights' own preprocessing: normalization and size
         preset = pretrained_weights(cfg).transforms()
         stats = {"mean": list(preset.mean), "std": list(preset.std)}
-        cfg = dataclasses.replace(cfg, image_size=cfg.image_size or preset.crop_size[0])
+        fraction = preset.crop_size[0] / preset.resize_size[0]  # unless set to another value
+        cfg = dataclasses.replace(cfg, image_size=cfg.image_size or preset.crop_size[0],
+                                  crop_fraction=fraction if cfg.crop_fraction == 0.875
+                                  else cfg.crop_fraction)
     props, note = image_properties(cfg, cfg.model, sizes, colour)
     h, w = props["image_size"]
     meta = {**props, **(stats or {"mean": [0.5] * props["channels"],
@@ -956,7 +962,8 @@ def build_data(cfg: Config, accelerator, hub: str | None) -> Data:
             "class_names": s.class_names, "num_classes": len(s.class_names), "model": cfg.model,
             "crop_padding": cfg.crop_padding if cfg.crop_padding >= 0 else min(h, w) // 8,
             "recipe": cfg.recipe if cfg.recipe != "auto" else "photo" if min(h, w) >= 64
-            else "small", "crop_scale": cfg.crop_scale, "crop_fraction": cfg.crop_fraction}
+            else "small", "crop_scale": cfg.crop_scale, "crop_ratio": cfg.crop_ratio,
+            "crop_fraction": cfg.crop_fraction}
     per_process = len(s.train) // accelerator.num_processes
     if per_process == 0:
         raise UsageError(f"{len(s.train)} training images cannot be shared by "
@@ -1055,16 +1062,17 @@ def augment(images, padding: int, hflip: bool, gen):
     return padded.gather(2, index.unsqueeze(1).expand(n, c, h * w)).view(n, c, h, w)
 
 
-def resized_crop(images, size: list[int], min_scale: float, hflip: bool, gen):
+def resized_crop(images, size: list[int], min_scale: float, hflip: bool, gen,
+                 max_ratio: float = 4 / 3):
     """The photo recipe's training crop: torchvision's RandomResizedCrop (area min_scale..1 of
-    the image, aspect ratio 3/4..4/3 drawn log-uniformly; a box wider than the image is
-    clipped to it where torchvision draws again) and a horizontal flip, for the whole batch on
-    the device: one roi_align (bilinear, 2x2 samples per output pixel), each image its own
-    box. Returns float pixels, 0-255."""
+    the image, aspect ratio 1/max_ratio..max_ratio drawn log-uniformly; a box wider than the
+    image is clipped to it where torchvision draws again) and a horizontal flip, for the whole
+    batch on the device: one roi_align (bilinear, 2x2 samples per output pixel), each image
+    its own box. Returns float pixels, 0-255."""
     n, _, t, s = images.shape
     u = torch.rand(n, 5, generator=gen, device=images.device)
     area = (min_scale + (1 - min_scale) * u[:, 0]) * t * s
-    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[:, 1])
+    ratio = torch.exp(math.log(max_ratio) * (2 * u[:, 1] - 1))
     w, h = (area * ratio).sqrt().clamp(max=s), (area / ratio).sqrt().clamp(max=t)
     x0, y0 = u[:, 2] * (s - w), u[:, 3] * (t - h)
     boxes = torch.stack([torch.arange(n, device=images.device, dtype=torch.float), x0, y0,
@@ -1675,7 +1683,7 @@ def train(cfg: Config, accelerator, model, optimizer, data: Data, state: LoopSta
             aug.manual_seed(hash((cfg.seed, state.epoch, state.batch, rank)) % 2**62)
             if meta["recipe"] == "photo":
                 images = resized_crop(images, meta["image_size"], meta["crop_scale"],
-                                      meta["hflip"], aug)
+                                      meta["hflip"], aug, meta["crop_ratio"])
             else:
                 images = augment(images, meta["crop_padding"], meta["hflip"], aug)
             # Accelerate divides every loss by `accum`, also in a short last group: rescale

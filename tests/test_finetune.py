@@ -243,6 +243,7 @@ def test_photo_recipe_is_the_same_in_both_modes_and_in_evaluation(tmp_path, caps
     assert_same_weights(tmp_path / "m", tmp_path / "s")
     meta = train.read_weights(str(tmp_path / "m"))[1]
     assert (meta["recipe"], meta["crop_scale"], meta["crop_fraction"]) == ("photo", 0.08, 0.875)
+    assert meta["crop_ratio"] == pytest.approx(4 / 3)
     assert results(tmp_path / "m")["val_acc"] >= 0.7
     assert run_main("--eval_only", "--weights", tmp_path / "m",
                     "--output_dir", tmp_path / "e") == 0
@@ -271,6 +272,10 @@ def test_resized_crops_follow_torchvisions_distribution():
            for _ in range(2000)]
     ref_area = [h * w / t**2 for _, _, h, w in ref]
     assert abs(area.mean() - sum(ref_area) / len(ref_area)) < 0.04
+    wide = train.resized_crop(batch[:500], [32, 32], 0.3, False, gen, max_ratio=3.0)
+    wide_ratio = ((wide[:, 0].amax((1, 2)) - wide[:, 0].amin((1, 2)) + 1)
+                  / (wide[:, 1].amax((1, 2)) - wide[:, 1].amin((1, 2)) + 1))
+    assert wide_ratio.max() > 2 and wide_ratio.min() < 0.5  # --crop_ratio widens the range
     flipped = train.resized_crop(batch[:400], [32, 32], 1.0, True, gen)  # whole image, flips
     left_to_right = (flipped[:, 0, :, -1] > flipped[:, 0, :, 0]).all(1)
     assert 120 < int(left_to_right.sum()) < 280
