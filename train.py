@@ -311,11 +311,12 @@ class StopFlag:
 
     def __init__(self, names: str):
         self.signal: str | None = None
+        self.caught: list[int] = []
         self.catch(names)
 
     def catch(self, names: str) -> None:
         wanted = signal_numbers(names)
-        for signum in set(getattr(self, "caught", [])) - set(wanted):
+        for signum in set(self.caught) - set(wanted):
             signal.signal(signum, signal.SIG_DFL)
         for signum in wanted:
             signal.signal(signum, self.handle)
@@ -499,13 +500,20 @@ SPLIT_DIRS = {"train": "train", "training": "train", "validation": "validation",
 DATA_FILES = (".parquet", ".arrow", ".csv", ".tsv", ".json", ".jsonl")  # a Hub download
 
 
+@functools.cache
+def image_extensions() -> frozenset[str]:
+    """The file endings PIL can open (.jpg, .png, .tif, ...)."""
+    return frozenset(e for e, fmt in PIL.Image.registered_extensions().items()
+                     if fmt in PIL.Image.OPEN)
+
+
 def image_folder(root: Path):
     """A folder of class subfolders (optionally inside train/, validation/, test/), read with
     one directory walk. An image's class is its top-level folder however deep it lies, as in
     torchvision's ImageFolder; datasets' imagefolder names it after the innermost folder, so
     cats/2019/a.jpg and dogs/2019/b.jpg would both be class '2019'. Returns None for a folder
     that holds data files or metadata (a Hub download): datasets reads those."""
-    images = {e for e, fmt in PIL.Image.registered_extensions().items() if fmt in PIL.Image.OPEN}
+    images = image_extensions()
     found, skipped = [], 0
     for folder, subfolders, names in os.walk(root, followlinks=True):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith((".", "__")))
@@ -722,6 +730,11 @@ def unreadable(image: dict, where: str, error: BaseException) -> UsageError:
 READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError)  # PIL's ways of saying "not an image"
 
 
+def shown_size(im) -> tuple[int, int]:
+    """(height, width) as displayed: EXIF orientations 5-8 turn the stored image by 90."""
+    return im.size if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else im.size[::-1]
+
+
 def probe_images(split, image_col: str) -> tuple[list[tuple[int, int]], int]:
     """Displayed (height, width) of up to PROBE_IMAGES images spread over the split, from
     their headers (nothing is decoded), and how many of them are colour."""
@@ -732,8 +745,7 @@ def probe_images(split, image_col: str) -> tuple[list[tuple[int, int]], int]:
     for i, image in zip(rows, split.select(rows)[image_col]):
         try:
             with open_image(image) as im:
-                turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF: rotated by 90
-                sizes.append(im.size if turned else im.size[::-1])
+                sizes.append(shown_size(im))
                 colour += im.mode in COLOUR_MODES
         except READ_ERRORS as e:
             raise unreadable(image, f"row {i}", e) from None
@@ -775,8 +787,7 @@ def decode(image: dict, mode: str, size: tuple[int, int], where: str, cover: flo
     h, w = size
     try:
         with open_image(image) as im:
-            turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-            shown = im.size[::-1] if not turned else im.size  # displayed (height, width)
+            shown = shown_size(im)
             scale = max(h / shown[0], w / shown[1]) / cover
             if im.format == "JPEG" and scale < 0.5:  # decode at 1/2..1/8 scale: photos 4-16x faster
                 im.draft(None, (math.ceil(im.size[0] * scale), math.ceil(im.size[1] * scale)))
@@ -862,7 +873,6 @@ class Data:
     sampler: EpochSampler       # the training order (its epoch is set directly: see train())
     meta: dict                  # what rebuilds the preprocessing: stored with the weights
     resolved: dict              # what the automatic settings became (config.json "resolved")
-    class_names: list[str]
 
 
 def worker_count(cfg: Config) -> int:
@@ -953,8 +963,8 @@ def build_data(cfg: Config, accelerator, hub: str | None) -> Data:
         stats = {"mean": list(preset.mean), "std": list(preset.std)}
         fraction = preset.crop_size[0] / preset.resize_size[0]  # unless set to another value
         cfg = dataclasses.replace(cfg, image_size=cfg.image_size or preset.crop_size[0],
-                                  crop_fraction=fraction if cfg.crop_fraction == 0.875
-                                  else cfg.crop_fraction)
+                                  crop_fraction=fraction if cfg.crop_fraction
+                                  == Config.crop_fraction else cfg.crop_fraction)
     props, note = image_properties(cfg, cfg.model, sizes, colour)
     h, w = props["image_size"]
     meta = {**props, **(stats or {"mean": [0.5] * props["channels"],
@@ -995,7 +1005,7 @@ def build_data(cfg: Config, accelerator, hub: str | None) -> Data:
                 "data_mode": mode, "num_workers": workers, "image_column": s.image_col,
                 "label_column": s.label_col, "train_count": len(s.train),
                 "val_count": len(s.val)}
-    return Data(train, val, sampler, meta, resolved, s.class_names)
+    return Data(train, val, sampler, meta, resolved)
 
 
 def load_eval_split(cfg: Config, given: set[str], meta: dict, hub: str | None):
@@ -1081,6 +1091,14 @@ def resized_crop(images, size: list[int], min_scale: float, hflip: bool, gen,
     if hflip:
         out = torch.where((u[:, 4] < 0.5).view(n, 1, 1, 1), out.flip(3), out)
     return out
+
+
+def augment_batch(images, meta: dict, gen):
+    """The training recipe's augmentation of a uint8 batch on the device (see --recipe)."""
+    if meta["recipe"] == "photo":
+        return resized_crop(images, meta["image_size"], meta["crop_scale"], meta["hflip"], gen,
+                            meta["crop_ratio"])
+    return augment(images, meta["crop_padding"], meta["hflip"], gen)
 
 
 def normalizer(meta: dict, device):
@@ -1664,28 +1682,17 @@ def train(cfg: Config, accelerator, model, optimizer, data: Data, state: LoopSta
         return EXIT_PREEMPTED
     while state.epoch < cfg.epochs:
         model.train()
-        epoch_loader = accelerator.skip_first_batches(loader, state.batch) if state.batch \
-            else loader
-        # A prepared loader sets its sampler's epoch from its own pass counter, which starts
-        # at 0 in a resumed process (and in the loader skip_first_batches makes): set both.
-        epoch_loader.set_epoch(state.epoch)
-        data.sampler.set_epoch(state.epoch)
+        bar = epoch_batches(cfg, accelerator, data, state, interactive)
         # This step's summed mean losses, correct predictions and stop signal on this process,
         # kept on the device: reduced over processes once per step, then summed into Python.
         step_sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
         step_loss, step_correct, step_stop = step_sums  # views
         micro_batches = 0
-        bar = tqdm(epoch_loader, total=batches, initial=state.batch, disable=not interactive,
-                   desc=f"epoch {state.epoch + 1}/{cfg.epochs}", leave=False)
         clock = {"epoch": time.perf_counter(), "log": time.perf_counter(),
                  "train": time.perf_counter(), "log_steps": 0}
         for images, labels in bar:
             aug.manual_seed(hash((cfg.seed, state.epoch, state.batch, rank)) % 2**62)
-            if meta["recipe"] == "photo":
-                images = resized_crop(images, meta["image_size"], meta["crop_scale"],
-                                      meta["hflip"], aug, meta["crop_ratio"])
-            else:
-                images = augment(images, meta["crop_padding"], meta["hflip"], aug)
+            images = augment_batch(images, meta, aug)
             # Accelerate divides every loss by `accum`, also in a short last group: rescale
             # so that each update is the mean over the micro-batches it really has.
             scale = accum / tail if tail and state.batch >= batches - tail else 1.0
@@ -1738,6 +1745,19 @@ def train(cfg: Config, accelerator, model, optimizer, data: Data, state: LoopSta
                                     f"{EXIT_PREEMPTED}, the same command resumes")
                 return EXIT_PREEMPTED
     return EXIT_OK
+
+
+def epoch_batches(cfg: Config, accelerator, data: Data, state: LoopState, interactive: bool):
+    """The rest of this epoch's batches (all of them, or after the resumed batch index), with a
+    progress bar on a terminal."""
+    loader = data.train
+    epoch_loader = accelerator.skip_first_batches(loader, state.batch) if state.batch else loader
+    # A prepared loader sets its sampler's epoch from its own pass counter, which starts at 0
+    # in a resumed process (and in the loader skip_first_batches makes): set both.
+    epoch_loader.set_epoch(state.epoch)
+    data.sampler.set_epoch(state.epoch)
+    return tqdm(epoch_loader, total=len(loader), initial=state.batch, disable=not interactive,
+                desc=f"epoch {state.epoch + 1}/{cfg.epochs}", leave=False)
 
 
 def stopped_before_start(cfg: Config, accelerator, model, data: Data, state: LoopState,
@@ -1992,10 +2012,18 @@ def tracker_config(cfg: Config) -> dict:
             for k, v in asdict(cfg).items()}
 
 
-def run_eval_only(cfg: Config, given: set[str], accelerator, run_dir: Path, hub: str | None,
-                  t_start: float) -> int:
+def trained_model(cfg: Config) -> tuple[object, dict]:
+    """--weights as a model on the CPU (checked against its metadata first) and the metadata."""
     weights, meta = read_weights(cfg.weights)
     check_weights(weights, meta, cfg.weights)
+    model = build_model(meta)
+    model.load_state_dict(weights)
+    return model, meta
+
+
+def run_eval_only(cfg: Config, given: set[str], accelerator, run_dir: Path, hub: str | None,
+                  t_start: float) -> int:
+    model, meta = trained_model(cfg)
     if (run_dir / "results.json").exists() and not cfg.overwrite:
         raise UsageError(f"{run_dir} already holds results.json; use another --output_dir, "
                          "or --overwrite")
@@ -2004,8 +2032,6 @@ def run_eval_only(cfg: Config, given: set[str], accelerator, run_dir: Path, hub:
     mode = pick_mode(cfg, accelerator, decoded_gb([split], meta))
     loader = make_loader(accelerator, split, image_col, label_col, meta, mode,
                          cfg.batch_size or 64, worker_count(cfg), None, cfg.seed)
-    model = build_model(meta)
-    model.load_state_dict(weights)
     model = accelerator.prepare(model)
     metrics = evaluate(accelerator, model, loader, meta, cfg.channels_last)
     results = {**metrics, "weights": str(cfg.weights), "evaluated": what,
@@ -2024,12 +2050,10 @@ def run_eval_only(cfg: Config, given: set[str], accelerator, run_dir: Path, hub:
 def run_predict(cfg: Config, accelerator, run_dir: Path) -> int:
     """predictions.csv: each image under --predict once (the processes take every n-th file),
     decoded and normalized as the weights' run did, with its top classes and probabilities."""
-    weights, meta = read_weights(cfg.weights)
-    check_weights(weights, meta, cfg.weights)
+    model, meta = trained_model(cfg)
     root = Path(cfg.predict).expanduser()
-    images = {e for e, fmt in PIL.Image.registered_extensions().items() if fmt in PIL.Image.OPEN}
     files = [root] if root.is_file() else sorted(
-        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in images
+        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in image_extensions()
         and not any(part.startswith(".") for part in p.relative_to(root).parts))
     if not files:
         raise UsageError(f"--predict {cfg.predict}: no image files there")
@@ -2045,8 +2069,6 @@ def run_predict(cfg: Config, accelerator, run_dir: Path) -> int:
         Decoded(split, "image", "label", "L" if meta["channels"] == 1 else "RGB",
                 *stored(meta, train=False)), batch_size=cfg.batch_size or 64,
         num_workers=worker_count(cfg), worker_init_fn=ignore_stop_signals)
-    model = build_model(meta)
-    model.load_state_dict(weights)
     model = model.to(accelerator.device).eval()
     norm, k, rows = normalizer(meta, accelerator.device), min(5, meta["num_classes"]), []
     with torch.no_grad():
