@@ -64,7 +64,7 @@ def bare_loop(model_name: str, image_size: int, epochs: int, batch_size: int,
                        batch_size=batch_size, precise_bn=0, dataset=dataset)
     train.accelerate.PartialState(cpu=not torch.cuda.is_available())
     acc = train.accelerate.Accelerator(cpu=not torch.cuda.is_available())
-    data = train.build_data(cfg, acc, None)
+    data = train.build_data(cfg, acc, None, train.StopFlag(""))
     device = acc.device
     norm = train.normalizer(data.meta, device)
     photo = data.meta["recipe"] == "photo"
