@@ -79,6 +79,10 @@ def listing(items, limit: int = 8) -> str:
     return ", ".join(items[:limit]) + more
 
 
+def size_text(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
+
+
 def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
 
@@ -573,7 +577,7 @@ def image_folder(root: Path):
     about = f"image folder {root}; files {files.hexdigest()}"
     return datasets.DatasetDict({split: datasets.Dataset.from_dict(
         {"image": [p for p, _ in items], "label": [classes.index(c) for _, c in items]},
-        features=features, info=datasets.DatasetInfo(description=about))
+        features=features, info=datasets.DatasetInfo(description=about, features=features))
         for split, items in rows.items()}), note
 
 
@@ -985,20 +989,23 @@ def cached(root: Path, split, image_col: str, label_col: str, meta: dict, train:
         return build_cache(folder, split, image_col, label_col, meta, train, stop)
 
 
+def room_for(need: float, free: float) -> bool:  # bytes; labels and 2% for other writers
+    return need * 1.02 + 2**20 <= free
+
+
 def build_cache(folder: Path, split, image_col: str, label_col: str, meta: dict, train: bool,
                 stop) -> OnDisk:
     size, cover = stored(meta, train)
     shape = (meta["channels"], *size)
-    need, free = len(split) * math.prod(shape), shutil.disk_usage(folder.parent).free
-    full = (f"the decoded cache needs {need / 1e9:.2f} GB in {folder.parent}, which has "
-            f"{{:.2f}} GB free: free some space, pass --cache_dir on a bigger disk, or use "
-            "--data_mode stream")
-    if need + 2**26 > free:
-        raise DiskFull(full.format(free / 1e9))
-    workers = cpu_count() if len(split) > 1000 else 0
+    need, free = len(split) * (math.prod(shape) + 8), shutil.disk_usage(folder.parent).free
+    full = (f"the decoded cache needs {size_text(need)} in {folder.parent}, which has {{}} "
+            "free: free some space, pass --cache_dir on a bigger disk, or use --data_mode stream")
+    if not room_for(need, free):
+        raise DiskFull(full.format(size_text(free)))
+    workers = cpu_count() if len(split) > 500 else 0
     tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     print(f"cache: decoding {len(split)} {'training' if train else 'evaluation'} images "
-          f"({need / 1e9:.2f} GB) into {folder} with {workers} worker processes", flush=True)
+          f"({size_text(need)}) into {folder} with {workers} worker processes", flush=True)
     t0 = time.perf_counter()
     try:
         tmp.mkdir()
@@ -1023,7 +1030,8 @@ def build_cache(folder: Path, split, image_col: str, label_col: str, meta: dict,
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFull(full.format(shutil.disk_usage(folder.parent).free / 1e9)) from None
+            raise DiskFull(full.format(size_text(shutil.disk_usage(folder.parent).free))
+                           ) from None
         raise
     took = time.perf_counter() - t0
     print(f"cache: built {folder} in {took:.1f} s ({len(split) / took:.0f} images/s)", flush=True)
@@ -1127,12 +1135,12 @@ def pick_mode(cfg: Config, accelerator, splits: list[tuple[object, bool]], meta:
     mode = "memory"
     if gb > cfg.memory_budget_gb:
         root = cache_root(cfg)
-        need = sum(decoded_gb(split, meta, train) for split, train in splits if not (
+        need = 1e9 * sum(decoded_gb(split, meta, train) for split, train in splits if not (
             cache_folder(root, split, image_col, label_col, meta, train) / "cache.json").exists())
         existing = next(p for p in [root, *root.parents] if p.exists())
-        free = shutil.disk_usage(existing).free / 1e9
-        mode = "cache" if need * 1.05 + 0.1 < free else "stream"
-        why += (f"; cache {root}: {need:.2f} GB to build, {free:.2f} GB free"
+        free = shutil.disk_usage(existing).free
+        mode = "cache" if room_for(need, free) else "stream"
+        why += (f"; cache {root}: {size_text(need)} to build, {size_text(free)} free"
                 if need else f"; cache {root}: built")
     print0(accelerator, f"data: {mode} mode ({why})")
     return mode
