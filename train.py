@@ -973,7 +973,12 @@ def cached(root: Path, split, image_col: str, label_col: str, meta: dict, train:
     except OSError as e:
         raise UsageError(f"cannot write to --cache_dir {root}: {e.strerror}") from None
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed or when this process dies
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed or when this process dies
+        except OSError as e:  # e.g. Lustre mounted without flock: builds may then overlap
+            print(f"warning: cannot lock {lock.name} in {root} ({e.strerror}): processes may "
+                  "decode the same split at the same time", flush=True)
+            lock = None
         if stop.signal is not None:
             raise Stopped("before training started: nothing to save")
         data, damage = open_cache(folder, split, label_col) if folder.exists() else (None, "")
@@ -984,7 +989,7 @@ def cached(root: Path, split, image_col: str, label_col: str, meta: dict, train:
         if damage:
             print(f"note: the decoded cache {folder} is {damage}: building it again", flush=True)
             shutil.rmtree(folder)
-        for stale in root.glob(f"{folder.name}.tmp-*"):  # builds that were killed
+        for stale in root.glob(f"{folder.name}.tmp-*") if lock else []:  # killed builds
             shutil.rmtree(stale, ignore_errors=True)
         return build_cache(folder, split, image_col, label_col, meta, train, stop)
 
@@ -1026,7 +1031,13 @@ def build_cache(folder: Path, split, image_col: str, label_col: str, meta: dict,
                                         "sample_sha256": data.digest(), "cover": cover,
                                         "fingerprint": split._fingerprint, "format": CACHE_FORMAT,
                                         "built": datetime.datetime.now().isoformat()})
-        os.rename(tmp, folder)
+        os.close(data.fd)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / "cache.json").exists():
+                raise
+            shutil.rmtree(tmp)  # an overlapping build (no lock) finished first: use it
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):

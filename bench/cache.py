@@ -420,15 +420,16 @@ class Bench:
             for name, p in zip(("train", "val", "all"), parts):
                 rate = p["images"] / p["s"]
                 cores = os.cpu_count()
-                print(f"    {size:>4} {name:6} {p['images']:7d} {p['s']:8.1f} {rate:8.1f} "
+                print(f"    {size:>4} {name:6} {p['images']:7d} {p['s']:8.2f} {rate:8.1f} "
                       f"{rate / cores:11.1f} {p['bytes'] / 1e9:11.3f} "
                       f"{res['train']['workers']:8d}", flush=True)
 
     def rss(self) -> None:
         a = self.a
-        print(f"\n[4] peak RSS: train.py --model cnn --image_size 64 --epochs 1 --precise_bn 0 "
-              f"--memory_budget_gb {a.rss_budget_gb}, --data_mode auto (should pick cache; a fresh "
-              "--cache_dir: the build included) and stream for reference", flush=True)
+        print(f"\n[4] peak RSS (results.json: the main process): train.py --model cnn "
+              f"--image_size 64 --epochs 1 --precise_bn 0 --memory_budget_gb {a.rss_budget_gb}"
+              ", --data_mode auto (should pick cache; a fresh --cache_dir: the build included)"
+              + (" and stream for reference" if a.rss_stream else ""), flush=True)
         print(f"    {'images':>7} {'asked':6} {'picked':7} {'peak RSS MB':>12} {'img/s':>8} "
               f"{'startup s':>10} {'wall s':>7}")
         for mode in ["auto"] + (["stream"] if a.rss_stream else []):

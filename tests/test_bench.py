@@ -21,3 +21,33 @@ def test_bench_runs_and_reports_every_variant():
     accs = [float(a) for a in re.findall(r" ([\d.]+)% +[\d.]+$", out.stdout, re.M)]
     assert len(accs) == 3 and min(accs) > 80  # bf16 autocast on the CPU still learns digits
     assert re.search(r"default `python train.py`: whole process [\d.]+ s", out.stdout)
+
+
+def test_cache_bench_quick_runs_every_section():
+    """bench/cache.py --quick: every section's rows, with positive numbers (no timings)."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "cache.py"), "--quick"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = out.stdout
+    assert "\n  !" not in text, text  # the bench's own warnings: a cache not reused, ...
+    for section in range(1, 7):
+        assert f"\n[{section}] " in text, text
+    num = r"(\d+\.?\d*)"
+    loader = re.findall(rf"^ +64 (cache|stream|imagefolder) +{num} +{num}$", text, re.M)
+    assert {v for v, *_ in loader} == {"cache", "stream", "imagefolder"}, text
+    training = re.findall(rf"^ +64 (memory|cache) +{num} +{num} +{num} +{num}$", text, re.M)
+    assert {m for m, *_ in training} == {"memory", "cache"}, text
+    build = re.findall(rf"^ +64 (train|val|all) +(\d+) +{num} +{num} +{num} +{num} +(\d+)$",
+                       text, re.M)
+    assert {s for s, *_ in build} == {"train", "val", "all"}, text
+    rss = re.findall(rf"^ +(\d+) auto +cache +{num} +{num} +{num} +{num}$", text, re.M)
+    assert len(rss) == 2, text  # two sizes, and auto picked cache for both
+    startup = re.findall(rf"^ +(\d+)((?: +{num}){{6}}) +2/2$", text, re.M)
+    assert len(startup) == 2, text  # two folders; the warm run reused both splits' caches
+    formats = re.findall(rf"^ +(pread \(OnDisk\)|numpy memmap|Arrow Array3D|Arrow flat) +"
+                         rf"{num} +{num}$", text, re.M)
+    assert len(formats) == 4, text
+    numbers = [float(x) for rows in (loader, training, build, rss, formats) for row in rows
+               for x in row[1:]] + [float(x) for _, cols, *_ in startup for x in cols.split()]
+    assert numbers and min(numbers) > 0, text
+    assert len(re.findall(r"per round: median [\d.]+, range [\d.]+-[\d.]+", text)) == 6, text
