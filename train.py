@@ -9,6 +9,7 @@ processes, mixed precision, accumulation and state; Hugging Face `datasets` owns
     sbatch slurm/multi_node.sbatch --dataset /data/imagenette --epochs 30
     python train.py --eval_only --weights runs/x --dataset ./other_images --output_dir runs/x-eval
     python train.py --dataset ./photos --model resnet18 --pretrained --freeze_backbone
+    python train.py --dataset /data/imagenet --model resnet50 --data_mode cache  # decoded once
     python train.py --predict ./new_photos --weights runs/x --output_dir runs/x-predict
 
 Evidence (2-core x86 CPU, no GPU): the default run reaches 99.2% validation accuracy on
@@ -19,7 +20,8 @@ Contents, in the order data flows:
     configuration    Config (every flag), CHECKS, parse_config, StopFlag (signals)
     libraries        the OpenMP wait policy, import_libraries (after the flags), make_accelerator
     data             load_source (image folders: one walk), columns, splits, image properties,
-                     decode (aspect kept, EXIF, 16-bit), loaders (memory, a decoded cache on disk, stream)
+                     decode (aspect kept, EXIF, 16-bit), loaders: memory, the decoded cache
+                     on disk (OnDisk, cached), stream
     augmentation     pad-and-crop + flip on the device, normalization
     model            the small CNN, torchvision models, starting weights, EMA, optimizer, mixing
     run directory    the lock, LoopState, crash-safe checkpoints, metrics.jsonl, weights
@@ -1018,7 +1020,8 @@ def build_cache(folder: Path, split, image_col: str, label_col: str, meta: dict,
             Decoded(split, image_col, label_col, "L" if shape[0] == 1 else "RGB", size, cover),
             batch_size=256, num_workers=workers, worker_init_fn=ignore_stop_signals)
         with open(tmp / "images.u8", "wb") as f:
-            for images, _ in tqdm(loader, disable=not sys.stderr.isatty(), leave=False):
+            for images, _ in tqdm(loader, desc="decoding", disable=not sys.stderr.isatty(),
+                                  leave=False):
                 if stop.signal is not None:
                     raise Stopped("while building the decoded cache: nothing to save (the "
                                   "build starts again next time)")
