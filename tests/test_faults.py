@@ -514,6 +514,21 @@ def test_shipped_accelerate_config_on_a_cpu_only_machine(tmp_path):
     assert results(run)["val_acc"] >= 0.95, proc.stdout[-2000:]
 
 
+def test_more_local_processes_than_gpus_is_one_line_naming_the_count(tmp_path, capsys,
+                                                                     monkeypatch):
+    """The shipped config's 8 processes on a 2-GPU machine: ranks 2-7 have no GPU. No GPU is
+    lent to these tests, so the machine's answers are stood in for (the check runs before any
+    CUDA call)."""
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(train.torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert run_main("--output_dir", tmp_path / "run") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "local rank 3 but the machine has 2 GPU(s)" in line, line
+    assert "--num_processes 2" in line and not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------- 8-9. outputs
 
 @pytest.fixture(scope="module")
