@@ -298,3 +298,29 @@ def test_an_unwritable_cache_dir_is_one_line_exit_2(tmp_path):
                    "--output_dir", tmp_path / "run")
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "cannot write to --cache_dir /proc/no-cache" in one_error_line(proc.stderr)
+
+
+# ----------------------------------------------------------------------------- start-up
+
+def test_held_out_validation_is_datasets_stratified_split(photo_folder):
+    """hold_out reads the labels in one batch (start-up that does not grow with the rows'
+    Python formatting) but must choose the rows train_test_split chooses."""
+    sources = [train.digits_dataset(), train.image_folder(photo_folder)[0]["train"]]
+    for source in sources:
+        for seed, fraction in ((0, 0.2), (7, 0.35)):
+            theirs = source.train_test_split(test_size=fraction, seed=seed,
+                                             stratify_by_column="label")
+            ours = train.hold_out(source, "label", fraction, seed)
+            for part, name in zip(ours, ("train", "test")):
+                assert part["image"][:] == theirs[name]["image"][:]
+                assert part["label"][:] == theirs[name]["label"][:]
+
+
+def test_a_class_with_one_image_cannot_be_held_out(tmp_path):
+    for i in range(5):
+        own_data.save(own_data.digit(i), tmp_path / "data" / "many" / f"{i}.png")
+    own_data.save(own_data.digit(9), tmp_path / "data" / "single" / "0.png")
+    proc = run_cli("--dataset", tmp_path / "data", "--output_dir", tmp_path / "run")
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    line = one_error_line(proc.stderr)
+    assert "cannot hold out --val_fraction 0.2 of 6 images: class 'single' has 1 image" in line
