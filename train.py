@@ -561,9 +561,10 @@ def image_folder(root: Path):
             raise UsageError(f"{root / empty[0]} holds no images; add images to it or remove "
                              "it")
     rows: dict[str, list] = {}
+    real = root.resolve()  # one spelling of the paths: one fingerprint, one decoded cache
     for parts in found:
         split = SPLIT_DIRS[parts[0].lower()] if split_layout else "train"
-        rows.setdefault(split, []).append((os.path.join(root, *parts),
+        rows.setdefault(split, []).append((os.path.join(real, *parts),
                                            parts[1] if split_layout else parts[0]))
     classes = sorted({c for split in rows.values() for _, c in split})
     if len(classes) < 2:
@@ -577,7 +578,7 @@ def image_folder(root: Path):
     # datasets fingerprints an in-memory dataset by its contents, here paths and labels; the
     # files' sizes and times in its description make an edited image a new dataset, so that
     # --data_mode cache (keyed by the fingerprint) decodes it again.
-    about = f"image folder {root}; files {files.hexdigest()}"
+    about = f"image folder {real}; files {files.hexdigest()}"
     return datasets.DatasetDict({split: datasets.Dataset.from_dict(
         {"image": [p for p, _ in items], "label": [classes.index(c) for _, c in items]},
         features=features, info=datasets.DatasetInfo(description=about, features=features))
@@ -678,9 +679,9 @@ class Splits:
 
 
 def labels_of(split, label_col: str):
-    """A label column as one array. (np.asarray(split[col]) formats it row by row: 1.5 s for
-    50,000 rows, at every start.)"""
-    return np.asarray(split.with_format("numpy")[label_col][:])
+    """A label column as one array. (np.asarray(split[col]) formats it row by row, and the
+    numpy format element by element: 1.5 s and 0.3 s for 40,000 rows, at every start.)"""
+    return np.asarray(split.select_columns([label_col])[:][label_col])
 
 
 def label_counts(split, label_col: str, classes: int):
@@ -920,8 +921,9 @@ class OnDisk:
     """Cache mode: a decoded split as one file of uint8 C x H x W rows (and its labels),
     written once by build_cache. A batch is read row by row with pread: the OS page cache
     keeps the rows in memory when they fit, and unlike a memory map the pages read never
-    count as this process's memory (RSS, which job schedulers limit). One core, 20,000 rows
-    of 3x73x73: pread 0.48M rows/s, numpy memmap 0.84M, datasets' Arrow Array3D 16k."""
+    count as this process's memory (RSS, which job schedulers limit). One core, random
+    batches of 20,000 rows of 3x73x73: pread 0.47M rows/s, a numpy memmap 0.98M, datasets'
+    Arrow Array3D 17k (bench/cache.py --section formats)."""
 
     def __init__(self, folder: Path, shape: tuple[int, ...], labels):
         self.path, self.shape, self.labels = folder / "images.u8", tuple(shape), labels
@@ -942,6 +944,11 @@ class OnDisk:
                 raise OSError(errno.EIO, "the decoded cache is shorter than its index says; "
                               "delete it to rebuild it", str(self.path))
         return torch.from_numpy(images).view(-1, *self.shape), self.labels[indices]
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def digest(self) -> str:
         """sha256 of up to 64 rows spread over the file: a cheap check that it is intact."""
@@ -977,6 +984,7 @@ def open_cache(folder: Path, split, label_col: str) -> tuple[OnDisk | None, str]
         if not np.array_equal(labels, labels_of(split, label_col)):
             return None, "labelled differently from the data"
         if data.digest() != info["sample_sha256"]:
+            data.close()
             return None, "not what was written (sampled rows differ)"
         return data, ""
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -1055,7 +1063,7 @@ def build_cache(folder: Path, split, image_col: str, label_col: str, meta: dict,
                                         "sample_sha256": data.digest(), "cover": cover,
                                         "fingerprint": split._fingerprint, "format": CACHE_FORMAT,
                                         "built": datetime.datetime.now().isoformat()})
-        os.close(data.fd)
+        data.close()
         try:
             os.rename(tmp, folder)
         except OSError:

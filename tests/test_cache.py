@@ -142,6 +142,21 @@ def test_two_runs_racing_for_one_cache_build_it_once(tmp_path, photo_folder):
     same_run(tmp_path / "run0", tmp_path / "run1")
 
 
+def test_one_folder_spelled_three_ways_shares_one_cache(tmp_path, capsys):
+    for label in (1, 7):
+        for i in own_data.digit_indices(label)[:30]:
+            own_data.save(own_data.digit(i), tmp_path / "data" / str(label) / f"{i}.png")
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    cache, outs = tmp_path / "cache", []
+    spellings = [tmp_path / "data", tmp_path / "link", tmp_path / "link" / ".." / "data"]
+    for i, spelling in enumerate(spellings):
+        assert run_main("--dataset", spelling, "--epochs", 1, "--data_mode", "cache",
+                        "--cache_dir", cache, "--output_dir", tmp_path / f"run{i}") == 0
+        outs.append(capsys.readouterr().out)
+    assert [len(re.findall(r"^cache: decoding ", out, re.M)) for out in outs] == [2, 0, 0], outs
+    assert len(cache_dirs(cache)) == 2
+
+
 # ----------------------------------------------------------------------------- crash safety
 
 def start_build(tmp_path: Path, photo_folder: Path, cache: Path) -> subprocess.Popen:
