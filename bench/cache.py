@@ -9,9 +9,9 @@ over decoding every epoch, and what it costs. Six sections, each runnable alone:
     5 startup   start-up against file count (32x32 PNGs): cold and warm runs, load_splits
     6 formats   the storage choice: random rows by pread, numpy memmap, Arrow Array3D, flat
 
-    python bench/cache.py                        # everything, 20,000 JPEGs (~25 min, 2 cores)
+    python bench/cache.py                        # everything, 20,000 JPEGs (~15 min, 2 cores)
     python bench/cache.py --section loader build --images 5000
-    python bench/cache.py --section 2 --train_sizes 64,160 --rounds 5
+    python bench/cache.py --section 2 --train_sizes 64 --rounds 5
     python bench/cache.py --quick                # tiny, ~1-2 min: does everything still run?
 
 Photos are made once from random crops, flips and scales of scikit-learn's sample photos
@@ -103,8 +103,8 @@ def image_folder(kind: str, count: int) -> Path:
     if final.is_dir():
         return final
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    items = [(c, i) for c in range(CLASSES) for i in range(count // CLASSES + (c < count
-                                                                            % CLASSES))]
+    per_class = [count // CLASSES + (c < count % CLASSES) for c in range(CLASSES)]
+    items = [(c, i) for c in range(CLASSES) for i in range(per_class[c])]
     for c in range(CLASSES):
         (tmp / f"class{c:02d}").mkdir(parents=True)
     t0 = time.perf_counter()
@@ -198,8 +198,9 @@ def child_loader(spec: dict) -> dict:
     if spec["variant"] == "stream":
         data = train.Decoded(s.train, s.image_col, s.label_col, "RGB", size, cover)
     else:
-        data = imagefolder(spec["dataset"], [s.train[i][s.image_col]["path"] for i in order],
-                           size[0])
+        rows = subset + warm
+        paths = [image["path"] for image in s.train.select(rows)[s.image_col]]
+        data = imagefolder(spec["dataset"], dict(zip(rows, paths)), size[0])
     for i in warm:  # first-call costs (PIL plugins, resize kernels) out of the timing
         data[i]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, subset), batch_size=BATCH)
@@ -217,15 +218,15 @@ class _Reordered:
         return self.folder[self.rows[i]]
 
 
-def imagefolder(root: str, paths: list[str], side: int):
-    """torchvision's ImageFolder (PIL loader; Resize, CenterCrop, PILToTensor), so that row k
-    of the result is the file at paths[k]'s order in the split (see child_loader)."""
+def imagefolder(root: str, paths: dict[int, str], side: int):
+    """torchvision's ImageFolder (PIL loader; Resize, CenterCrop, PILToTensor) indexed like
+    the split: row i is the file paths[i] (see child_loader)."""
     from torchvision import datasets as tvd
     from torchvision import transforms as T
     folder = tvd.ImageFolder(root, transform=T.Compose(
         [T.Resize(side), T.CenterCrop(side), T.PILToTensor()]))
     where = {os.path.abspath(p): k for k, (p, _) in enumerate(folder.samples)}
-    return _Reordered(folder, {i: where[os.path.abspath(p)] for i, p in enumerate(paths)})
+    return _Reordered(folder, {i: where[os.path.abspath(p)] for i, p in paths.items()})
 
 
 def child_startup_parts(spec: dict) -> dict:
@@ -507,6 +508,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def train_py_version() -> str:
+    """train.py's sha256 prefix and git commit: the bench measures the file as it is now."""
+    import hashlib
+    digest = hashlib.sha256((ROOT / "train.py").read_bytes()).hexdigest()[:12]
+    git = subprocess.run(["git", "log", "-1", "--format=%h", "--", "train.py"], cwd=ROOT,
+                         capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "train.py"], cwd=ROOT,
+                           capture_output=True).returncode
+    return f"sha256 {digest} (last commit {git or '?'}{', edited since' if dirty else ''})"
+
+
 def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
@@ -522,7 +534,7 @@ def parse_args():
     p.add_argument("--loader_images", type=int, default=2000,
                    help="section 1: images stream and imagefolder decode per run")
     p.add_argument("--train_images", type=int, default=2000, help="section 2's folder")
-    p.add_argument("--train_sizes", type=ints, default=[64], help="section 2: px (64,160)")
+    p.add_argument("--train_sizes", type=ints, default=[64, 160], help="section 2: px")
     p.add_argument("--rss_images", type=ints, default=None, help="section 4 (5000,IMAGES)")
     p.add_argument("--rss_budget_gb", type=float, default=0.01, help="section 4")
     p.add_argument("--rss_stream", type=int, default=1, help="section 4: stream too (1/0)")
@@ -535,6 +547,7 @@ def parse_args():
     a = p.parse_args()
     if a.quick:
         a.images, a.sizes, a.loader_images, a.train_images = 300, [64], 100, 300
+        a.train_sizes = [64]
         a.rss_images, a.rss_stream, a.startup_files = [150, 300], 0, [500, 1000]
         a.rss_budget_gb = 0.001
         a.format_rows, a.rounds, a.min_s = 2000, 1, 0.2
@@ -557,6 +570,8 @@ def main() -> None:
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} "
           f"usable), load average {os.getloadavg()[0]:.2f}; python "
           f"{platform.python_version()}, " + ", ".join(f"{k} {x}" for k, x in v.items()))
+    version = train_py_version()
+    print(f"train.py {version}")
     print(f"sections {' '.join(a.section)}; {a.images} JPEGs, sizes {a.sizes}, "
           f"{a.rounds} round(s){', quick' if a.quick else ''}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="cachebench-run-"))
@@ -568,10 +583,13 @@ def main() -> None:
         for name in a.section:
             t = time.perf_counter()
             getattr(bench, "build_section" if name == "build" else name)()
-            print(f"    ({name}: {time.perf_counter() - t:.0f} s)", flush=True)
+            print(f"    ({name}: {time.perf_counter() - t:.0f} s, load average "
+                  f"{os.getloadavg()[0]:.2f})", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\ndone in {time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.2f}")
+    if train_py_version() != version:
+        print(f"  ! train.py changed during the run: now {train_py_version()}")
 
 
 if __name__ == "__main__":
