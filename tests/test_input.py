@@ -28,9 +28,9 @@ def test_auto_mode_follows_the_memory_budget(tmp_path, capsys):
     assert run_main("--epochs", 1, "--output_dir", tmp_path / "a") == 0
     assert "data: memory mode" in capsys.readouterr().out
     assert run_main("--epochs", 1, "--memory_budget_gb", 1e-5, "--num_workers", 0,
-                    "--output_dir", tmp_path / "b") == 0
-    assert "data: stream mode" in capsys.readouterr().out
-    assert results(tmp_path / "b")["data_mode"] == "stream"
+                    "--cache_dir", tmp_path / "cache", "--output_dir", tmp_path / "b") == 0
+    assert "data: cache mode" in capsys.readouterr().out  # stream without room: test_cache.py
+    assert results(tmp_path / "b")["data_mode"] == "cache"
 
 
 def test_batch_augmentation_crops_and_flips_per_image():
