@@ -790,7 +790,7 @@ def probe_images(split, image_col: str) -> tuple[list[tuple[int, int]], int]:
     rows = sorted({round(i * (n - 1) / max(1, PROBE_IMAGES - 1)) for i in range(PROBE_IMAGES)}
                   if n > PROBE_IMAGES else range(n))
     sizes, colour = [], 0
-    for i, image in zip(rows, split.select(rows)[image_col]):
+    for i, image in zip(rows, split.select(rows)[image_col][:]):  # one batch, not row by row
         try:
             with open_image(image) as im:
                 sizes.append(shown_size(im))

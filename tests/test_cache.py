@@ -339,3 +339,22 @@ def test_a_class_with_one_image_cannot_be_held_out(tmp_path):
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     line = one_error_line(proc.stderr)
     assert "cannot hold out --val_fraction 0.2 of 6 images: class 'single' has 1 image" in line
+
+
+def test_start_up_reads_the_data_in_batches_not_row_by_row(tmp_path, monkeypatch):
+    """Start-up that does not grow with the file count, counted instead of timed: datasets
+    formats a Column row by row (np.asarray(ds[col]), train_test_split's stratification),
+    2 calls per image: ~1.5 s per 50,000 files at every start. A held-out split of 3,000
+    files may take a handful of batch reads."""
+    import datasets.arrow_dataset as arrow_dataset
+    for label in range(3):
+        for i in range(1000):
+            own_data.save(own_data.digit(i), tmp_path / "data" / f"c{label}" / f"{i}.png")
+    calls = []
+    real = arrow_dataset.format_table
+    monkeypatch.setattr(arrow_dataset, "format_table",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    s = train.load_splits(train.Config(dataset=str(tmp_path / "data")), None)
+    train.probe_images(s.source_train, s.image_col)
+    assert (len(s.train), len(s.val)) == (2400, 600)
+    assert len(calls) <= 5, len(calls)
