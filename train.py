@@ -676,6 +676,18 @@ class Splits:
     class_names: list[str]
     source_train: object     # the training data before a validation part was held out
     notes: list[str]
+    rows: tuple[list[int], list[int]] | None = None  # train's and val's rows in source_train,
+    #                                                  when val was held out of it
+
+
+def part_of(s: Splits, meta: dict, train: bool) -> tuple | None:
+    """For the decoded cache: (the data a held-out split is part of, its rows there). Both
+    splits then read one cache of all the training data, reused for every --seed and
+    --val_fraction; the validation split only when it is stored as the training split is
+    (the photo recipe stores it smaller: it gets a cache of its own)."""
+    if s.rows is None or not (train or stored(meta, True) == stored(meta, False)):
+        return None
+    return s.source_train, s.rows[0 if train else 1]
 
 
 def labels_of(split, label_col: str):
@@ -718,8 +730,10 @@ def load_splits(cfg: Config, hub: str | None) -> Splits:
         val = align_classes(val, label_col, classes.names, "the training classes")
     train = train.cast_column(image_col, datasets.Image(decode=False))
     source_train, seen = train, label_counts(train, label_col, classes.num_classes)
+    rows = None
     if val is None:
-        train, val = hold_out(train, label_col, cfg.val_fraction, cfg.seed)
+        rows = hold_out(train, label_col, cfg.val_fraction, cfg.seed)
+        train, val = train.select(rows[0]), train.select(rows[1])
     else:  # a class that only the validation data has cannot be learned: say so
         asked = label_counts(val, label_col, classes.num_classes)
         orphans = [f"'{classes.names[i]}' ({asked[i]} images)"
@@ -729,11 +743,11 @@ def load_splits(cfg: Config, hub: str | None) -> Splits:
                              "training images for it or remove it from the validation data")
     val = val.cast_column(image_col, datasets.Image(decode=False))
     return Splits(train, val, image_col, label_col, classes.names, source_train,
-                  [folder_note, note])
+                  [folder_note, note], rows)
 
 
-def hold_out(split, label_col: str, fraction: float, seed: int):
-    """datasets' stratified train_test_split(test_size=fraction, seed=seed): the same rows,
+def hold_out(split, label_col: str, fraction: float, seed: int) -> tuple[list, list]:
+    """The rows of datasets' stratified train_test_split(test_size=fraction, seed=seed): the same,
     from the same function, with the labels read in one batch (train_test_split reads them
     row by row: 1.5 s for 50,000 images at every start, ~40 s for ImageNet's 1.28 million)."""
     n_val = math.ceil(fraction * len(split))
@@ -749,7 +763,7 @@ def hold_out(split, label_col: str, fraction: float, seed: int):
             labels, len(split) - n_val, n_val, rng=np.random.default_rng(seed)))
     except ValueError as e:  # fewer images in one part than there are classes
         raise UsageError(f"{why}: {first_line(e)}") from None
-    return split.select(train), split.select(val)
+    return train.tolist(), val.tolist()
 
 
 def align_classes(split, label_col: str, names: list[str], whose: str):
@@ -992,11 +1006,15 @@ def open_cache(folder: Path, split, label_col: str) -> tuple[OnDisk | None, str]
 
 
 def cached(root: Path, split, image_col: str, label_col: str, meta: dict, train: bool,
-           stop) -> OnDisk:
+           stop, part: tuple | None = None):
     """The split decoded into root/<key>/, built by the first process that takes the key's
     lock while the others (this node's, and other nodes' on a shared file system) wait for
     it. Built in a temporary folder that is renamed when complete: an interrupted build is
-    never used, and the next run removes it and builds again."""
+    never used, and the next run removes it and builds again. `part` (part_of): cache the
+    data the split was held out of, and read the split's rows of it."""
+    if part is not None:
+        return torch.utils.data.Subset(cached(root, part[0], image_col, label_col, meta,
+                                              train, stop), part[1])
     folder = cache_folder(root, split, image_col, label_col, meta, train)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -1135,14 +1153,14 @@ def decoded_gb(split, meta: dict, train: bool) -> float:
 
 def make_loader(accelerator, split, image_col: str, label_col: str, meta: dict, mode: str,
                 batch_size: int, workers: int, sampler: EpochSampler | None, seed: int,
-                cache: tuple[Path, StopFlag] | None = None):
+                cache: tuple[Path, StopFlag, tuple | None] | None = None):
     """A prepared loader of (uint8 images, labels) on the device: from memory, from the
-    decoded cache (`cache`: its root folder and the stop flag) or streamed."""
+    decoded cache (`cache`: its root folder, the stop flag, part_of) or streamed."""
     dataset = Decoded(split, image_col, label_col, "L" if meta["channels"] == 1 else "RGB",
                       *stored(meta, train=sampler is not None))
     if mode == "cache":
         dataset = cached(cache[0], split, image_col, label_col, meta, sampler is not None,
-                         cache[1])
+                         *cache[1:])
         opts = dict(collate_fn=as_is, num_workers=workers, persistent_workers=workers > 0,
                     pin_memory=accelerator.device.type == "cuda",
                     worker_init_fn=ignore_stop_signals)
@@ -1167,19 +1185,21 @@ def make_loader(accelerator, split, image_col: str, label_col: str, meta: dict, 
     return accelerator.prepare(loader)
 
 
-def pick_mode(cfg: Config, accelerator, splits: list[tuple[object, bool]], meta: dict,
-              image_col: str, label_col: str) -> str:
-    """--data_mode auto: memory if the decoded splits (`splits`: (split, train) pairs) fit the
-    budget, else the cache if it is built or the disk has room for it, else stream."""
+def pick_mode(cfg: Config, accelerator, splits: list[tuple], meta: dict, image_col: str,
+              label_col: str) -> str:
+    """--data_mode auto: memory if the decoded splits (`splits`: (split, train, part_of))
+    fit the budget, else the cache if it is built or the disk has room for it, else stream."""
     if cfg.data_mode != "auto":
         return cfg.data_mode
-    gb = sum(decoded_gb(split, meta, train) for split, train in splits)
+    gb = sum(decoded_gb(split, meta, train) for split, train, _ in splits)
     why = f"{gb:.3f} GB decoded, --memory_budget_gb {cfg.memory_budget_gb}"
     mode = "memory"
     if gb > cfg.memory_budget_gb:
         root = cache_root(cfg)
-        need = 1e9 * sum(decoded_gb(split, meta, train) for split, train in splits if not (
-            cache_folder(root, split, image_col, label_col, meta, train) / "cache.json").exists())
+        folders = {cache_folder(root, part[0] if part else split, image_col, label_col, meta,
+                                train): decoded_gb(part[0] if part else split, meta, train)
+                   for split, train, part in splits}  # both splits may share one
+        need = 1e9 * sum(gb for f, gb in folders.items() if not (f / "cache.json").exists())
         existing = next(p for p in [root, *root.parents] if p.exists())
         free = shutil.disk_usage(existing).free
         mode = "cache" if room_for(need, free) else "stream"
@@ -1226,8 +1246,9 @@ def build_data(cfg: Config, accelerator, hub: str | None, stop: StopFlag) -> Dat
     for line in [*s.notes, note, batch_note]:
         if line:
             print0(accelerator, line)
-    mode = pick_mode(cfg, accelerator, [(s.train, True), (s.val, False)], meta, s.image_col,
-                     s.label_col)
+    parts = part_of(s, meta, True), part_of(s, meta, False)
+    mode = pick_mode(cfg, accelerator, [(s.train, True, parts[0]), (s.val, False, parts[1])],
+                     meta, s.image_col, s.label_col)
     workers = worker_count(cfg)
     if cfg.num_workers > workers:
         print0(accelerator, f"note: --num_workers {cfg.num_workers} capped at {workers} (CPU "
@@ -1235,8 +1256,8 @@ def build_data(cfg: Config, accelerator, hub: str | None, stop: StopFlag) -> Dat
     sampler = EpochSampler(len(s.train), cfg.seed)
     args = (s.image_col, s.label_col, meta, mode, batch, workers)
     cache = (cache_root(cfg), stop)
-    train = make_loader(accelerator, s.train, *args, sampler, cfg.seed, cache)
-    val = make_loader(accelerator, s.val, *args, None, cfg.seed, cache)
+    train = make_loader(accelerator, s.train, *args, sampler, cfg.seed, (*cache, parts[0]))
+    val = make_loader(accelerator, s.val, *args, None, cfg.seed, (*cache, parts[1]))
     resolved = {"batch_size": batch, "image_size": [h, w], "channels": props["channels"],
                 "hflip": props["hflip"], "crop_padding": meta["crop_padding"],
                 "recipe": meta["recipe"],
@@ -1250,14 +1271,16 @@ def build_data(cfg: Config, accelerator, hub: str | None, stop: StopFlag) -> Dat
 def load_eval_split(cfg: Config, given: set[str], meta: dict, hub: str | None):
     """--eval_only: what to evaluate. The weights' own data (no --dataset, no --split): the
     validation split they were trained with, held out again with the same seed if need be.
-    Otherwise --split of the data, else its validation/test split, else all of it."""
+    Otherwise --split of the data, else its validation/test split, else all of it. Returns
+    the split, its columns, what it is, and part_of for the decoded cache."""
     own = meta["data"]
     same = "dataset" not in given or cfg.dataset == own["dataset"]
     if same:  # the data flags it was trained with, unless given
         cfg = dataclasses.replace(cfg, **{k: v for k, v in own.items() if k not in given})
     if same and "split" not in given:
         s = load_splits(cfg, hub)
-        return s.val, s.image_col, s.label_col, "the validation split of the training data"
+        return (s.val, s.image_col, s.label_col, "the validation split of the training data",
+                part_of(s, meta, False))
     source, _ = load_source(cfg, hub)
     if isinstance(source, datasets.DatasetDict):
         name = cfg.split or next((n for n in VAL_SPLITS if n in source),
@@ -1276,7 +1299,7 @@ def load_eval_split(cfg: Config, given: set[str], meta: dict, hub: str | None):
     image_col, label_col, _ = find_columns(split, cfg.image_column, cfg.label_column)
     split = align_classes(split, label_col, meta["class_names"], "the model's classes")
     split = split.cast_column(image_col, datasets.Image(decode=False))
-    return split, image_col, label_col, f"{what} of {cfg.dataset}"
+    return split, image_col, label_col, f"{what} of {cfg.dataset}", None
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -1887,7 +1910,7 @@ def precise_bn(cfg: Config, accelerator, model, data: Data, epoch: int) -> None:
     batch = data.resolved["batch_size"]
     loader = torch.utils.data.DataLoader(  # full batches: BatchNorm cannot take one image
         torch.utils.data.Subset(dataset, mine), batch_size=batch, drop_last=len(mine) >= batch,
-        collate_fn=as_is if isinstance(dataset, (InMemory, OnDisk)) else None,
+        collate_fn=None if isinstance(dataset, Decoded) else as_is,
         num_workers=data.resolved["num_workers"] if isinstance(dataset, Decoded) else 0,
         worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(cfg.seed))
     norm = normalizer(data.meta, accelerator.device)
@@ -2269,11 +2292,11 @@ def run_eval_only(cfg: Config, given: set[str], accelerator, run_dir: Path, hub:
         raise UsageError(f"{run_dir} already holds results.json; use another --output_dir, "
                          "or --overwrite")
     with accelerator.main_process_first():
-        split, image_col, label_col, what = load_eval_split(cfg, given, meta, hub)
-    mode = pick_mode(cfg, accelerator, [(split, False)], meta, image_col, label_col)
+        split, image_col, label_col, what, part = load_eval_split(cfg, given, meta, hub)
+    mode = pick_mode(cfg, accelerator, [(split, False, part)], meta, image_col, label_col)
     loader = make_loader(accelerator, split, image_col, label_col, meta, mode,
                          cfg.batch_size or 64, worker_count(cfg), None, cfg.seed,
-                         (cache_root(cfg), stop))
+                         (cache_root(cfg), stop, part))
     model = accelerator.prepare(model)
     metrics = evaluate(accelerator, model, loader, meta, cfg.channels_last)
     results = {**metrics, "weights": str(cfg.weights), "evaluated": what,

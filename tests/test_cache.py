@@ -70,8 +70,10 @@ def test_cache_mode_trains_bit_identically_to_memory_mode_and_is_reused(tmp_path
     assert run_main(*common, "--data_mode", "cache", "--cache_dir", cache,
                     "--output_dir", tmp_path / "c1") == 0
     first = capsys.readouterr().out
-    assert len(re.findall(r"^cache: decoding ", first, re.M)) == 2, first  # train and val
-    assert len(cache_dirs(cache)) == 2 and not tmp_builds(cache)
+    # validation is held out of the training data and stored alike: one cache holds both
+    assert len(re.findall(r"^cache: decoding ", first, re.M)) == 1, first
+    assert len(re.findall(r"^cache: reusing ", first, re.M)) == 1, first
+    assert len(cache_dirs(cache)) == 1 and not tmp_builds(cache)
     same_run(tmp_path / "mem", tmp_path / "c1")
     assert results(tmp_path / "c1")["data_mode"] == "cache"
     stamps = {p: (p / "images.u8").stat().st_mtime_ns for p in cache_dirs(cache)}
@@ -81,9 +83,8 @@ def test_cache_mode_trains_bit_identically_to_memory_mode_and_is_reused(tmp_path
     assert "decoding" not in second and len(re.findall(r"^cache: reusing ", second, re.M)) == 2
     assert {p: (p / "images.u8").stat().st_mtime_ns for p in cache_dirs(cache)} == stamps
     same_run(tmp_path / "mem", tmp_path / "c2")
-    # stored as the loop sees it: 1,437 training and 360 validation 8x8 greyscale rows
-    sizes = sorted((p / "images.u8").stat().st_size for p in cache_dirs(cache))
-    assert sizes == [360 * 64, 1437 * 64]
+    # stored as the loop sees it: all 1,797 8x8 greyscale rows
+    assert [(p / "images.u8").stat().st_size for p in cache_dirs(cache)] == [1797 * 64]
 
 
 def test_photo_recipe_from_the_cache_equals_memory_mode(tmp_path, photo_folder):
@@ -95,7 +96,30 @@ def test_photo_recipe_from_the_cache_equals_memory_mode(tmp_path, photo_folder):
                         "--cache_dir", cache, "--output_dir", tmp_path / f"run-{mode}") == 0
     same_run(tmp_path / "run-memory", tmp_path / "run-cache")
     rows = {(p / "images.u8").stat().st_size // 3 for p in cache_dirs(cache)}
-    assert rows == {960 * 37 * 37, 240 * 32 * 32}  # round(32 / 0.875) = 37
+    # all 1,200 at round(32 / 0.875) = 37 for training, the 240 held out at 32 for evaluation
+    assert rows == {1200 * 37 * 37, 240 * 32 * 32}
+
+
+def test_other_seeds_reuse_the_cache_of_the_data_they_hold_out_of(tmp_path, photo_folder,
+                                                                   capsys):
+    """A seed sweep on data without a validation split: the training rows come from one cache
+    of all the data; only the photo recipe's smaller evaluation rows are decoded per seed."""
+    cache = tmp_path / "cache"
+    for seed in (0, 1):
+        assert run_main("--seed", seed, "--epochs", 1, "--data_mode", "cache", "--cache_dir",
+                        cache, "--output_dir", tmp_path / f"digits{seed}") == 0
+    assert run_main("--seed", 1, "--epochs", 1, "--output_dir", tmp_path / "memory1") == 0
+    out = capsys.readouterr().out
+    assert len(re.findall(r"^cache: decoding ", out, re.M)) == 1, out
+    same_run(tmp_path / "memory1", tmp_path / "digits1")  # other rows, read right
+    photo = ["--dataset", photo_folder, *PHOTO_FLAGS, "--data_mode", "cache", "--cache_dir",
+             cache]
+    for seed in (0, 1):
+        assert run_main(*photo, "--seed", seed, "--output_dir", tmp_path / f"photo{seed}") == 0
+        out = capsys.readouterr().out
+        assert re.findall(r"^cache: decoding (\d+) (\w+)", out, re.M) == (
+            [("1200", "training"), ("240", "evaluation")] if seed == 0 else
+            [("240", "evaluation")]), out
 
 
 def test_eval_only_reads_the_cache_the_run_built(tmp_path, capsys):
@@ -122,8 +146,8 @@ def test_two_processes_of_one_run_build_each_split_once(tmp_path):
                        "--output_dir", tmp_path / f"run-{mode}", nproc=2, launcher="torchrun")
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         runs[mode] = proc.stdout
-    assert len(re.findall(r"^cache: decoding ", runs["cache"], re.M)) == 2, runs["cache"]
-    assert len(cache_dirs(cache)) == 2 and not tmp_builds(cache)
+    assert len(re.findall(r"^cache: decoding ", runs["cache"], re.M)) == 1, runs["cache"]
+    assert len(cache_dirs(cache)) == 1 and not tmp_builds(cache)
     same_run(tmp_path / "run-memory", tmp_path / "run-cache")
 
 
@@ -153,8 +177,8 @@ def test_one_folder_spelled_three_ways_shares_one_cache(tmp_path, capsys):
         assert run_main("--dataset", spelling, "--epochs", 1, "--data_mode", "cache",
                         "--cache_dir", cache, "--output_dir", tmp_path / f"run{i}") == 0
         outs.append(capsys.readouterr().out)
-    assert [len(re.findall(r"^cache: decoding ", out, re.M)) for out in outs] == [2, 0, 0], outs
-    assert len(cache_dirs(cache)) == 2
+    assert [len(re.findall(r"^cache: decoding ", out, re.M)) for out in outs] == [1, 0, 0], outs
+    assert len(cache_dirs(cache)) == 1
 
 
 # ----------------------------------------------------------------------------- crash safety
@@ -223,7 +247,7 @@ def test_a_damaged_cache_is_detected_and_rebuilt(tmp_path, capsys):
         out = capsys.readouterr().out
         assert re.search(rf"^note: the decoded cache {train_rows} is .*{why}.*: building it "
                          "again", out, re.M), out
-        assert len(re.findall(r"^cache: decoding ", out, re.M)) == 1, out  # val: reused
+        assert len(re.findall(r"^cache: decoding ", out, re.M)) == 1, out
         same_run(tmp_path / "first", tmp_path / f"run{i}")
 
 
@@ -273,7 +297,7 @@ def test_no_room_for_the_cache_is_one_line_naming_the_space(tmp_path, small_disk
                    "--output_dir", tmp_path / "run")
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
     line = one_error_line(proc.stderr)
-    assert f"needs {1437 * (64 + 8) / 1e6:.1f} MB in {small_disk}, which has " in line, line
+    assert f"needs {1797 * (64 + 8) / 1e6:.1f} MB in {small_disk}, which has " in line, line
     assert cache_dirs(small_disk) == [] and tmp_builds(small_disk) == []
 
 
@@ -325,7 +349,8 @@ def test_held_out_validation_is_datasets_stratified_split(photo_folder):
         for seed, fraction in ((0, 0.2), (7, 0.35)):
             theirs = source.train_test_split(test_size=fraction, seed=seed,
                                              stratify_by_column="label")
-            ours = train.hold_out(source, "label", fraction, seed)
+            ours = [source.select(rows) for rows in train.hold_out(source, "label", fraction,
+                                                                    seed)]
             for part, name in zip(ours, ("train", "test")):
                 assert part["image"][:] == theirs[name]["image"][:]
                 assert part["label"][:] == theirs[name]["label"][:]
