@@ -243,7 +243,7 @@ def child_startup_parts(spec: dict) -> dict:
     meta = {**train.image_properties(cfg, "cnn", sizes, colour)[0], "recipe": "small"}
     for split, is_train in ((s.train, True), (s.val, False)):
         train.cached(train.cache_root(cfg), split, s.image_col, s.label_col, meta, is_train,
-                     train.StopFlag(""))
+                     train.StopFlag(""), train.part_of(s, meta, is_train))
     t4 = time.perf_counter()
     return {"imports": t1 - t0, "load_splits": t2 - t1, "probe": t3 - t2, "open": t4 - t3}
 
