@@ -696,8 +696,7 @@ def labels_of(split, label_col: str):
     return np.asarray(split.select_columns([label_col])[:][label_col])
 
 
-def label_counts(split, label_col: str, classes: int):
-    labels = labels_of(split, label_col)
+def label_counts(labels, classes: int):
     if len(labels) and labels.min() < 0:
         raise UsageError(f"{int((labels < 0).sum())} images have no label (-1); use labelled "
                          "data")
@@ -729,13 +728,14 @@ def load_splits(cfg: Config, hub: str | None) -> Splits:
     if val is not None:
         val = align_classes(val, label_col, classes.names, "the training classes")
     train = train.cast_column(image_col, datasets.Image(decode=False))
-    source_train, seen = train, label_counts(train, label_col, classes.num_classes)
+    labels = labels_of(train, label_col)  # read once: counted, then stratified
+    source_train, seen = train, label_counts(labels, classes.num_classes)
     rows = None
     if val is None:
-        rows = hold_out(train, label_col, cfg.val_fraction, cfg.seed)
+        rows = hold_out(labels, classes, cfg.val_fraction, cfg.seed)
         train, val = train.select(rows[0]), train.select(rows[1])
     else:  # a class that only the validation data has cannot be learned: say so
-        asked = label_counts(val, label_col, classes.num_classes)
+        asked = label_counts(labels_of(val, label_col), classes.num_classes)
         orphans = [f"'{classes.names[i]}' ({asked[i]} images)"
                    for i in range(classes.num_classes) if asked[i] and not seen[i]]
         if orphans:
@@ -746,21 +746,21 @@ def load_splits(cfg: Config, hub: str | None) -> Splits:
                   [folder_note, note], rows)
 
 
-def hold_out(split, label_col: str, fraction: float, seed: int) -> tuple[list, list]:
+def hold_out(labels, classes, fraction: float, seed: int) -> tuple[list, list]:
     """The rows of datasets' stratified train_test_split(test_size=fraction, seed=seed): the same,
-    from the same function, with the labels read in one batch (train_test_split reads them
-    row by row: 1.5 s for 50,000 images at every start, ~40 s for ImageNet's 1.28 million)."""
-    n_val = math.ceil(fraction * len(split))
-    labels = labels_of(split, label_col)
-    why = f"cannot hold out --val_fraction {fraction} of {len(split)} images"
+    from the same function, given the labels read in one batch (train_test_split reads them
+    row by row: 1.5 s for 50,000 images at every start, ~40 s for ImageNet's 1.28 million).
+    `classes`: the label column's ClassLabel, for messages."""
+    n_val = math.ceil(fraction * len(labels))
+    why = f"cannot hold out --val_fraction {fraction} of {len(labels)} images"
     counts = np.bincount(labels)
     if counts[counts > 0].min() < 2:
-        lonely = split.features[label_col].int2str(int(np.flatnonzero(counts == 1)[0]))
+        lonely = classes.int2str(int(np.flatnonzero(counts == 1)[0]))
         raise UsageError(f"{why}: class '{lonely}' has 1 image, and every class needs 2 (one "
                          "for training, one for validation); add images or a validation split")
     try:
         train, val = next(datasets.utils.stratify.stratified_shuffle_split_generate_indices(
-            labels, len(split) - n_val, n_val, rng=np.random.default_rng(seed)))
+            labels, len(labels) - n_val, n_val, rng=np.random.default_rng(seed)))
     except ValueError as e:  # fewer images in one part than there are classes
         raise UsageError(f"{why}: {first_line(e)}") from None
     return train.tolist(), val.tolist()
@@ -1025,8 +1025,8 @@ def cached(root: Path, split, image_col: str, label_col: str, meta: dict, train:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed or when this process dies
         except OSError as e:  # e.g. Lustre mounted without flock: builds may then overlap
-            print(f"warning: cannot lock {lock.name} in {root} ({e.strerror}): processes may "
-                  "decode the same split at the same time", flush=True)
+            print(f"warning: cannot lock {lock.name} ({e.strerror}): processes may decode the "
+                  "same split at the same time", flush=True)
             lock = None
         if stop.signal is not None:
             raise Stopped("before training started: nothing to save")
@@ -1075,8 +1075,9 @@ def build_cache(folder: Path, split, image_col: str, label_col: str, meta: dict,
                 f.write(images.numpy().data)
             f.flush()
             os.fsync(f.fileno())
-        np.save(tmp / "labels.npy", labels_of(split, label_col).astype(np.int64))
-        data = OnDisk(tmp, shape, torch.from_numpy(np.load(tmp / "labels.npy")))
+        labels = labels_of(split, label_col).astype(np.int64)
+        np.save(tmp / "labels.npy", labels)
+        data = OnDisk(tmp, shape, torch.from_numpy(labels))
         write_json(tmp / "cache.json", {"shape": list(shape), "rows": len(data),
                                         "sample_sha256": data.digest(), "cover": cover,
                                         "fingerprint": split._fingerprint, "format": CACHE_FORMAT,

@@ -138,3 +138,19 @@ def saved_dataset(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("saved") / "ds"
     datasets.DatasetDict({"train": parts["train"], "test": parts["test"]}).save_to_disk(str(path))
     return path
+
+
+def mount_tmpfs(disk: Path, size: str) -> None:
+    """A real file system of `size` (a tmpfs) at `disk`, made here: the disk-full tests. Skips
+    where it cannot be mounted (not root), and fails instead under CI, which must run them."""
+    disk.mkdir()
+    reason = "mounting a tmpfs needs root" if os.geteuid() != 0 else None
+    if reason is None:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                                  str(disk)], capture_output=True, text=True)
+        if mounted.returncode != 0:
+            reason = f"cannot mount a tmpfs: {mounted.stderr.strip()}"
+    if reason and os.environ.get("CI"):
+        pytest.fail(f"CI must run the disk-full tests, but {reason}")
+    if reason:
+        pytest.skip(reason)

@@ -7,6 +7,7 @@ Real runs of train.py on real files: digits in-process where speed matters, and 
 1,200 PNG photo crops (a build that takes long enough to be interrupted) in processes."""
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ import pytest
 
 import own_data
 import train
-from conftest import ROOT, launch_cmd, results, run_cli, run_main
+from conftest import ROOT, launch_cmd, mount_tmpfs, results, run_cli, run_main
 from test_checkpoints import kill9
 from test_faults import one_error_line
 
@@ -181,6 +182,32 @@ def test_one_folder_spelled_three_ways_shares_one_cache(tmp_path, capsys):
     assert len(cache_dirs(cache)) == 1
 
 
+def test_without_file_locks_it_warns_and_an_overlapping_build_uses_the_first(tmp_path,
+                                                                               capsys,
+                                                                               monkeypatch):
+    """Lustre without the flock mount option refuses locks (ENOLCK): the run warns and goes
+    on; a second build of a key that finished meanwhile keeps the finished one."""
+    def refuse(*args):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    cache = tmp_path / "cache"
+    with monkeypatch.context() as m:
+        m.setattr(train.fcntl, "flock", refuse)
+        assert run_main("--epochs", 1, "--data_mode", "cache", "--cache_dir", cache,
+                        "--output_dir", tmp_path / "run") == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"^warning: cannot lock {cache}/\w+\.lock \(No locks available\): "
+                     "processes may decode the same split", out, re.M), out
+    [done] = cache_dirs(cache)
+    s = train.load_splits(train.Config(), None)
+    meta = {"channels": 1, "image_size": [8, 8], "recipe": "small"}
+    assert train.cache_folder(cache, s.source_train, "image", "label", meta, True) == done
+    before = (done / "cache.json").read_text()
+    data = train.build_cache(done, s.source_train, "image", "label", meta, True,
+                             train.StopFlag(""))  # as if it had started before `done` existed
+    assert (done / "cache.json").read_text() == before and not tmp_builds(cache)
+    assert len(data) == 1797 and data.path == done / "images.u8"
+
+
 # ----------------------------------------------------------------------------- crash safety
 
 def start_build(tmp_path: Path, photo_folder: Path, cache: Path) -> subprocess.Popen:
@@ -270,20 +297,6 @@ def test_an_edited_image_makes_a_new_cache(tmp_path, photo_folder, capsys):
 
 # ----------------------------------------------------------------------------- disk and dirs
 
-def mount_tmpfs(disk: Path, size: str) -> None:
-    disk.mkdir()
-    reason = "mounting a tmpfs needs root" if os.geteuid() != 0 else None
-    if reason is None:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
-                                  str(disk)], capture_output=True, text=True)
-        if mounted.returncode != 0:
-            reason = f"cannot mount a tmpfs: {mounted.stderr.strip()}"
-    if reason and os.environ.get("CI"):
-        pytest.fail(f"CI must run the disk-full tests, but {reason}")
-    if reason:
-        pytest.skip(reason)
-
-
 @pytest.fixture
 def small_disk(tmp_path):
     disk = tmp_path / "disk"
@@ -349,8 +362,9 @@ def test_held_out_validation_is_datasets_stratified_split(photo_folder):
         for seed, fraction in ((0, 0.2), (7, 0.35)):
             theirs = source.train_test_split(test_size=fraction, seed=seed,
                                              stratify_by_column="label")
-            ours = [source.select(rows) for rows in train.hold_out(source, "label", fraction,
-                                                                    seed)]
+            labels = train.labels_of(source, "label")
+            ours = [source.select(rows) for rows in train.hold_out(
+                labels, source.features["label"], fraction, seed)]
             for part, name in zip(ours, ("train", "test")):
                 assert part["image"][:] == theirs[name]["image"][:]
                 assert part["label"][:] == theirs[name]["label"][:]
