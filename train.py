@@ -37,6 +37,13 @@ or before training started (requeue me); 1 anything else (a non-finite loss, a f
 """
 from __future__ import annotations
 
+import signal
+
+EARLY_SIGNALS: list[int] = []  # stop signals that came before main() took over (StopFlag)
+if __name__ == "__main__":  # first, before the imports below: a stop signal then means exit 75
+    for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(_signum, lambda signum, frame: EARLY_SIGNALS.append(signum))
+
 import argparse
 import dataclasses
 import datetime
@@ -50,10 +57,11 @@ import io
 import json
 import math
 import os
+import random
 import resource
 import shutil
-import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -85,6 +93,18 @@ def size_text(n_bytes: float) -> str:
     return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
 
 
+def report(line: str) -> None:
+    """A stop line for both the log (stdout) and the error stream: once where they are one file
+    (a terminal, a Slurm log)."""
+    print(line, flush=True)
+    try:
+        if os.path.samestat(os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())):
+            return
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # captured streams
+        pass
+    print(line, file=sys.stderr, flush=True)
+
+
 def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
 
@@ -105,8 +125,9 @@ class DiskFull(Exception):
     """No room for the decoded cache: one line, exit 1."""
 
 
-class Stopped(Exception):
-    """A stop signal before training started (during the cache build): exit 75."""
+class Stopped(BaseException):
+    """A stop signal before training started: exit 75. A BaseException, as KeyboardInterrupt
+    is: the handler raises it wherever start-up is, and `except Exception` must not catch it."""
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -250,6 +271,8 @@ CHECKS = [  # (field, ok, requirement)
     ("checkpoint_every", lambda v: v >= 0, ">= 0"),
     ("keep_checkpoints", lambda v: v >= 0, ">= 0"),
     ("threads", lambda v: v >= 0, ">= 0"),
+    ("crop_padding", lambda v: -1 <= v <= MAX_IMAGE_SIZE, ">= 0 or -1 (auto), and at most the "
+     "image side"),
     ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy's seed range)"),
     ("output_dir", lambda v: v is None or v.strip() != "", "a directory, not empty"),
     ("cache_dir", lambda v: v is None or v.strip() != "", "a directory, not empty"),
@@ -261,10 +284,15 @@ GROUPS = {"dataset": "data", "model": "model", "epochs": "optimization",  # firs
           "seed": "system", "eval_only": "evaluation only"}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints its 31-line usage first
+        raise UsageError(f"{message} (--help lists the flags)")
+
+
 def parse_config(argv: list[str] | None = None) -> tuple[Config, set[str]]:
     """Flags are generated from Config; returns the config and the names given explicitly.
     Everything here is checked before any file is written or any library imported."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(description=__doc__.split("\n\n")[0],
                                      argument_default=argparse.SUPPRESS,
                                      allow_abbrev=False)  # slurm/lib.sh reads --output_dir
     for f in fields(Config):
@@ -325,12 +353,15 @@ def signal_numbers(names: str) -> list[int]:
 
 class StopFlag:
     """Signal handlers only set this; the processes agree on it at the next step boundary.
-    Installed on main()'s first line and never restored by the program: a signal during the
-    imports, the data loading or the shutdown after the last checkpoint still means exit 75."""
+    Before the training loop (imports, data, checkpoint checks) nothing is lost by stopping, so
+    until `training()` the handler ends the process at once (Stopped: exit 75) instead of
+    waiting for start-up work of unknown length. Never restored by the program: a signal during
+    the shutdown after the last checkpoint still means exit 75."""
 
-    def __init__(self, names: str):
+    def __init__(self, names: str = ""):
         self.signal: str | None = None
         self.caught: list[int] = []
+        self.immediate = True
         self.catch(names)
 
     def catch(self, names: str) -> None:
@@ -340,9 +371,19 @@ class StopFlag:
         for signum in wanted:
             signal.signal(signum, self.handle)
         self.caught = wanted
+        for signum in EARLY_SIGNALS:  # before main() started: in the default set, or not at all
+            if signum in wanted:
+                self.handle(signum, None)
 
     def handle(self, signum, frame) -> None:
         self.signal = signal.Signals(signum).name
+        if self.immediate:
+            self.immediate = False
+            raise Stopped("before training started: nothing to save")
+
+    def training(self) -> None:
+        """From the first step on, a signal only sets the flag (checkpoint, then exit 75)."""
+        self.immediate = False
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -987,11 +1028,22 @@ def cache_folder(root: Path, split, image_col: str, label_col: str, meta: dict, 
     return root / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
 
 
-def open_cache(folder: Path, split, label_col: str) -> tuple[OnDisk | None, str]:
-    """The complete, intact cache in `folder`, or None and what is wrong with it."""
+def open_cache(folder: Path, split, label_col: str, meta: dict, train: bool
+               ) -> tuple[OnDisk | None, str]:
+    """The complete, intact cache in `folder`, or None and what is wrong with it. Every field
+    of cache.json must be what the cache's key says, before anything is allocated by it."""
+    size, cover = stored(meta, train)
+    expect = {"shape": [meta["channels"], *size], "rows": len(split), "cover": cover,
+              "fingerprint": split._fingerprint, "format": CACHE_FORMAT}
     try:
-        info = json.loads((folder / "cache.json").read_text())  # written last
-        labels = np.load(folder / "labels.npy")
+        info = read_json(folder / "cache.json")  # written last
+        wrong = [k for k, v in expect.items() if info.get(k) != v]
+        if wrong:
+            return None, f"not what its key says ({listing(wrong)} differ)"
+        labels = np.load(folder / "labels.npy", mmap_mode="r")  # the header, nothing allocated
+        if labels.shape != (len(split),) or labels.dtype != np.int64:
+            return None, f"labelled for another size ({labels.shape} {labels.dtype} labels)"
+        labels = np.array(labels)
         data = OnDisk(folder, info["shape"], torch.from_numpy(labels))
         if (folder / "images.u8").stat().st_size != len(data) * data.row:
             return None, "of the wrong size (truncated?)"
@@ -1001,7 +1053,7 @@ def open_cache(folder: Path, split, label_col: str) -> tuple[OnDisk | None, str]
             data.close()
             return None, "not what was written (sampled rows differ)"
         return data, ""
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return None, f"unreadable ({first_line(e)})"
 
 
@@ -1018,7 +1070,7 @@ def cached(root: Path, split, image_col: str, label_col: str, meta: dict, train:
     folder = cache_folder(root, split, image_col, label_col, meta, train)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        lock = open(root / f"{folder.name}.lock", "a+")
+        lock = open_lock(root / f"{folder.name}.lock")
     except OSError as e:
         raise UsageError(f"cannot write to --cache_dir {root}: {e.strerror}") from None
     with lock:
@@ -1028,9 +1080,8 @@ def cached(root: Path, split, image_col: str, label_col: str, meta: dict, train:
             print(f"warning: cannot lock {lock.name} ({e.strerror}): processes may decode the "
                   "same split at the same time", flush=True)
             lock = None
-        if stop.signal is not None:
-            raise Stopped("before training started: nothing to save")
-        data, damage = open_cache(folder, split, label_col) if folder.exists() else (None, "")
+        data, damage = (open_cache(folder, split, label_col, meta, train) if folder.exists()
+                        else (None, ""))
         if data is not None:
             if int(os.environ.get("LOCAL_RANK", 0)) == 0:
                 print(f"cache: reusing {folder} ({len(data)} images)", flush=True)
@@ -1043,8 +1094,8 @@ def cached(root: Path, split, image_col: str, label_col: str, meta: dict, train:
         return build_cache(folder, split, image_col, label_col, meta, train, stop)
 
 
-def room_for(need: float, free: float) -> bool:  # bytes; labels and 2% for other writers
-    return need * 1.02 + 2**20 <= free
+def with_slack(need: float) -> float:  # bytes: 2% and 1 MiB left for other writers
+    return need * 1.02 + 2**20
 
 
 def build_cache(folder: Path, split, image_col: str, label_col: str, meta: dict, train: bool,
@@ -1052,9 +1103,11 @@ def build_cache(folder: Path, split, image_col: str, label_col: str, meta: dict,
     size, cover = stored(meta, train)
     shape = (meta["channels"], *size)
     need, free = len(split) * (math.prod(shape) + 8), shutil.disk_usage(folder.parent).free
-    full = (f"the decoded cache needs {size_text(need)} in {folder.parent}, which has {{}} "
-            "free: free some space, pass --cache_dir on a bigger disk, or use --data_mode stream")
-    if not room_for(need, free):
+    full = (f"the decoded cache needs {size_text(need)} in {folder.parent}, which has {{}} free "
+            f"({size_text(with_slack(need))} are wanted: 2% and 1 MiB are left for other "
+            "writers): free some space, pass --cache_dir on a bigger disk, or use --data_mode "
+            "stream")
+    if with_slack(need) > free:
         raise DiskFull(full.format(size_text(free)))
     workers = cpu_count() if len(split) > 500 else 0
     tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
@@ -1069,9 +1122,6 @@ def build_cache(folder: Path, split, image_col: str, label_col: str, meta: dict,
         with open(tmp / "images.u8", "wb") as f:
             for images, _ in tqdm(loader, desc="decoding", disable=not sys.stderr.isatty(),
                                   leave=False):
-                if stop.signal is not None:
-                    raise Stopped("while building the decoded cache: nothing to save (the "
-                                  "build starts again next time)")
                 f.write(images.numpy().data)
             f.flush()
             os.fsync(f.fileno())
@@ -1094,6 +1144,9 @@ def build_cache(folder: Path, split, image_col: str, label_col: str, meta: dict,
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFull(full.format(size_text(shutil.disk_usage(folder.parent).free))
                            ) from None
+        if isinstance(e, Stopped):
+            raise Stopped("while building the decoded cache: nothing to save (the build starts "
+                          "again next time)") from None
         raise
     took = time.perf_counter() - t0
     print(f"cache: built {folder} in {took:.1f} s ({len(split) / took:.0f} images/s)", flush=True)
@@ -1203,7 +1256,7 @@ def pick_mode(cfg: Config, accelerator, splits: list[tuple], meta: dict, image_c
         need = 1e9 * sum(gb for f, gb in folders.items() if not (f / "cache.json").exists())
         existing = next(p for p in [root, *root.parents] if p.exists())
         free = shutil.disk_usage(existing).free
-        mode = "cache" if room_for(need, free) else "stream"
+        mode = "cache" if with_slack(need) <= free else "stream"
         why += (f"; cache {root}: {size_text(need)} to build, {size_text(free)} free"
                 if need else f"; cache {root}: built")
     print0(accelerator, f"data: {mode} mode ({why})")
@@ -1231,6 +1284,9 @@ def build_data(cfg: Config, accelerator, hub: str | None, stop: StopFlag) -> Dat
             "recipe": cfg.recipe if cfg.recipe != "auto" else "photo" if min(h, w) >= 64
             else "small", "crop_scale": cfg.crop_scale, "crop_ratio": cfg.crop_ratio,
             "crop_fraction": cfg.crop_fraction}
+    if meta["crop_padding"] > min(h, w):  # a padded batch of 3,000 px took 3.5 GB
+        raise UsageError(f"--crop_padding {cfg.crop_padding} is more than the image side "
+                         f"({min(h, w)} px): use at most {min(h, w)}, or -1 (auto)")
     per_process = len(s.train) // accelerator.num_processes
     if per_process == 0:
         raise UsageError(f"{len(s.train)} training images cannot be shared by "
@@ -1396,15 +1452,19 @@ def cnn(channels: int, num_classes: int, image_size: int):
                          nn.Linear(min(2 * width, 256), num_classes))
 
 
+def check_model_name(name: str) -> None:
+    known = torchvision.models.list_models(module=torchvision.models)
+    if name != "cnn" and name not in known:
+        close = difflib.get_close_matches(name, known + ["cnn"], n=3)
+        raise UsageError(f"--model {name}: not 'cnn' or a torchvision classifier"
+                         + (f"; did you mean {', '.join(close)}?" if close else ""))
+
+
 def build_model(meta: dict, batch_size: int = 2, probe: bool = True):
     name = meta["model"]
     if name == "cnn":
         return cnn(meta["channels"], meta["num_classes"], min(meta["image_size"]))
-    known = torchvision.models.list_models(module=torchvision.models)
-    if name not in known:
-        close = difflib.get_close_matches(name, known + ["cnn"], n=3)
-        raise UsageError(f"--model {name}: not 'cnn' or a torchvision classifier"
-                         + (f"; did you mean {', '.join(close)}?" if close else ""))
+    check_model_name(name)
     # Auxiliary heads would make the training forward return a tuple instead of logits.
     extra = {"aux_logits": False} if name in ("googlenet", "inception_v3") else {}
     model = torchvision.models.get_model(name, weights=None, num_classes=meta["num_classes"],
@@ -1487,21 +1547,41 @@ def pretrained_weights(cfg: Config):
                          f"{listing(names)} (or DEFAULT)") from None
 
 
+def pretrained_state(weights) -> tuple[dict, str]:
+    """torchvision's weights file, read safely. torchvision 0.29 reads it with torch.hub's
+    load_state_dict_from_url, which unpickles with weights_only=False: a file planted in its
+    place would run code. Here its sha256 must begin with the hash that torchvision puts in
+    the file name, and it is read with weights_only=True; a missing file is downloaded (by
+    torch.hub, which checks the same hash)."""
+    file = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    expected = torch.hub.HASH_REGEX.search(file.name)
+    try:
+        if not file.exists():
+            if not reachable(weights.url):
+                raise ConnectionError("not there, and no network to download it")
+            file.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(weights.url, str(file), progress=False,
+                                           hash_prefix=expected and expected.group(1))
+        digest = file_digest(file)
+        if expected and not digest.startswith(expected.group(1)):
+            raise UsageError(f"--pretrained: {file} is not torchvision's file: its sha256 begins "
+                             f"{digest[:8]}, its name says {expected.group(1)}; delete it, or "
+                             f"put {weights.url} there")
+        return torch.load(file, map_location="cpu", weights_only=True), f"{weights} ({file})"
+    except UsageError:
+        raise
+    except Exception as e:  # offline, a damaged file, a pickle that is not plain tensors
+        raise UsageError(f"--pretrained: cannot read {file} ({first_line(e)}); put "
+                         f"{weights.url} there") from None
+
+
 def starting_state(cfg: Config) -> tuple[dict, str]:
     """The tensors to start from (--pretrained or --init_from) and where they came from."""
     if cfg.pretrained:
-        weights = pretrained_weights(cfg)
-        file = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        try:  # torchvision reads the file when it is there, else downloads it
-            if not file.exists() and not reachable(weights.url):
-                raise ConnectionError("not there, and no network to download it")
-            return weights.get_state_dict(progress=False), f"{weights} ({file})"
-        except Exception as e:  # offline, a damaged file
-            raise UsageError(f"--pretrained: cannot read {file} ({first_line(e)}); put "
-                             f"{weights.url} there") from None
+        return pretrained_state(pretrained_weights(cfg))
     path = Path(cfg.init_from)
     if path.is_dir() or path.suffix == ".safetensors":
-        return read_weights(str(path))[0], str(path)
+        return read_weights(str(path), "--init_from")[0], str(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
@@ -1596,25 +1676,100 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def file_digest(path: Path) -> str:
+def open_regular(path: Path, follow: bool = True):
+    """A regular file opened for reading, or ValueError: never a device, a FIFO (opening one
+    would wait for a writer) or, with follow=False, a link."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{path} is not a regular file")
+    return open(fd, "rb")
+
+
+def file_digest(path: Path, follow: bool = True) -> str:
+    """sha256 of a regular file, read up to the size it had when opened."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+    with open_regular(path, follow) as f:
+        left = os.fstat(f.fileno()).st_size
+        while left > 0 and (chunk := f.read(min(1 << 20, left))):
             digest.update(chunk)
+            left -= len(chunk)
     return digest.hexdigest()
+
+
+def read_json(path: Path, limit: int = 1 << 24):
+    """A JSON file of at most `limit` bytes that is a regular file (a forged or edited one may
+    be anything); ValueError otherwise."""
+    with open_regular(path) as f:
+        if os.fstat(f.fileno()).st_size > limit:
+            raise ValueError(f"{path} is larger than {size_text(limit)}")
+        return json.loads(f.read(limit))
 
 
 def checkpoint_ok(path: Path) -> tuple[bool, str]:
     """A checkpoint is complete when loop_state.json (written last) lists every file with
-    its size and sha256 and they all match."""
+    its size and sha256 and they all match: plain files of the checkpoint directory only,
+    never followed out of it. Its loop state and random states must load as well."""
     try:
-        manifest = json.loads((path / "loop_state.json").read_text())["files"]
-        for name, (size, digest) in manifest.items():
-            if (path / name).stat().st_size != size or file_digest(path / name) != digest:
+        saved = read_json(path / "loop_state.json")
+        for name, (size, digest) in saved["files"].items():
+            if not (isinstance(name, str) and name == Path(name).name and name not in ("", "..")
+                    and isinstance(size, int)):
+                return False, f"loop_state.json names {name!r}, not a file of the checkpoint"
+            if (path / name).lstat().st_size != size or \
+                    file_digest(path / name, follow=False) != digest:
                 return False, f"{name} does not match its recorded size and sha256"
+        if not isinstance(saved["identity"], dict):
+            return False, "loop_state.json holds no run identity"
+        loop_state(saved["loop"], path)
+        for name in saved["files"]:
+            if name.startswith("random_states_"):
+                check_random_states(path / name)
         return True, ""
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except UsageError as e:
+        return False, str(e)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return False, f"{type(e).__name__}: {e}"
+
+
+def check_random_states(path: Path) -> None:
+    """Workaround: accelerate 1.15's load_state catches any error restoring the random states
+    and only logs it (at info level, on the main process), so a resume would go on without
+    them. Each file is restored into throwaway generators first, with accelerate's loader."""
+    try:
+        states = accelerate.utils.load(path)
+        random.Random().setstate(states["random_state"])
+        np.random.RandomState().set_state(states["numpy_random_seed"])
+        torch.Generator().set_state(states["torch_manual_seed"])
+        if torch.cuda.is_available():
+            for state in states["torch_cuda_manual_seed"]:
+                torch.Generator("cuda").set_state(state)
+    except Exception as e:
+        raise UsageError(f"{path.name} does not restore the random states "
+                         f"({first_line(e)})") from None
+
+
+def loop_state(saved, where: Path) -> LoopState:
+    """The loop state of a checkpoint, each field of the type it is written with, and the
+    metrics that resuming at that point reports."""
+    def wrong(what: str) -> UsageError:
+        return UsageError(f"{where / 'loop_state.json'}: {what}: damaged or edited; --resume "
+                          "another checkpoint")
+    try:
+        state = LoopState(**saved)
+    except TypeError as e:
+        raise wrong(first_line(e)) from None
+    for f in fields(LoopState):
+        value, kind = getattr(state, f.name), type(getattr(LoopState(), f.name))
+        if not (type(value) is kind or kind is float and type(value) is int):
+            raise wrong(f"{f.name} is {value!r}, not {kind.__name__}")
+    need = ["train_loss", "train_acc", "epoch_time_s", "images_per_s"] if state.epoch else []
+    need += ["val_loss", "val_acc"] if state.evaluated and state.evaluated == state.epoch else []
+    if len(state.epoch_sums) != 3 or not all(
+            type(v) in (int, float) for v in [*state.epoch_sums,
+                                              *(state.last_metrics.get(k) for k in need)]):
+        raise wrong("epoch_sums or last_metrics incomplete")
+    return state
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -1686,10 +1841,27 @@ def pick_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
     return None
 
 
+def open_lock(path: Path):
+    """A lock file, created if need be, opened without following links: one that is a symbolic
+    or hard link to another file is refused, since the run lock's file is rewritten."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        fd = None
+    if fd is not None:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+            return open(fd, "r+")
+        os.close(fd)
+    raise UsageError(f"{path} is not a plain file of its own (a link?); remove it")
+
+
 def lock_run_dir(run_dir: Path):
     """An exclusive lock on run_dir/.lock, held until this process ends: the OS drops it on
     any exit, kill -9 included, so a lock is never stale. Returns the open file (the lock)."""
-    lock = open(run_dir / ".lock", "a+")
+    lock = open_lock(run_dir / ".lock")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -1698,7 +1870,7 @@ def lock_run_dir(run_dir: Path):
                   "are not prevented", flush=True)
             return lock
         lock.seek(0)
-        holder = lock.read().strip() or "starting"
+        holder = lock.read(200).strip() or "starting"
         lock.close()
         raise UsageError(f"{run_dir} is in use by another run ({holder}); wait for it to end "
                          "or use another --output_dir") from None
@@ -1721,20 +1893,25 @@ def prepare_run_dir(cfg: Config, run_dir: Path, identity: dict, accelerator
     any, and the lock (held by the main process)."""
     answer, lock = [""], None
     if accelerator.is_main_process:
+        created = not run_dir.exists()
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             lock = lock_run_dir(run_dir)
             answer = [str(pick_checkpoint(cfg, run_dir) or "") if not cfg.overwrite else ""]
-        except OSError as e:
-            answer = [UsageError(f"cannot write to --output_dir {run_dir}: {e}")]
+        except OSError as e:  # a full disk is exit 1, like a full disk later on
+            answer = [e if e.errno in (errno.ENOSPC, errno.EDQUOT) else
+                      UsageError(f"cannot write to --output_dir {run_dir}: {e}")]
         except UsageError as e:  # in use, or a damaged --resume PATH
             answer = [e]
+        if isinstance(answer[0], Exception) and created and (
+                lock is not None or isinstance(answer[0], OSError)):  # not: in use by another
+            shutil.rmtree(run_dir, ignore_errors=True)  # refused: leave no empty directory
     accelerate.utils.broadcast_object_list(answer)  # the main process hashes; all follow
-    if isinstance(answer[0], UsageError):
+    if isinstance(answer[0], Exception):
         raise answer[0]
     resume = Path(answer[0]) if answer[0] else None
     if resume is not None:
-        saved = json.loads((resume / "loop_state.json").read_text())["identity"]
+        saved = read_json(resume / "loop_state.json")["identity"]
         diff = [k for k in identity if k in saved and saved[k] != identity[k]]  # older: fewer
         if diff:
             raise UsageError(
@@ -1748,8 +1925,8 @@ def prepare_run_dir(cfg: Config, run_dir: Path, identity: dict, accelerator
     old = {}
     if (run_dir / "config.json").exists():
         try:
-            old = json.loads((run_dir / "config.json").read_text()).get("identity", {})
-        except ValueError:
+            old = dict(read_json(run_dir / "config.json").get("identity", {}))
+        except (OSError, ValueError, TypeError, AttributeError):
             old = {"unreadable": True}
     other = [f for f in RUN_FILES if (run_dir / f).exists()]
     same = old and all(old.get(k) == identity[k] for k in identity)
@@ -1827,7 +2004,7 @@ def check_meta(meta) -> dict:
     raise ValueError("its train_py metadata is incomplete or out of range")
 
 
-def read_weights(path: str) -> tuple[dict, dict]:
+def read_weights(path: str, flag: str = "--weights") -> tuple[dict, dict]:
     p = Path(path)
     p = p / "model.safetensors" if p.is_dir() else p
     try:
@@ -1835,7 +2012,7 @@ def read_weights(path: str) -> tuple[dict, dict]:
             meta = check_meta(json.loads(f.metadata()["train_py"]))
         return safetensors.torch.load_file(str(p)), meta
     except Exception as e:  # not a file, not safetensors (SafetensorError), no/odd metadata
-        raise UsageError(f"--weights {path}: not a model.safetensors written by train.py "
+        raise UsageError(f"{flag} {path}: not a model.safetensors written by train.py "
                          f"({first_line(e)})") from None
 
 
@@ -2182,13 +2359,13 @@ def run_training(cfg: Config, accelerator, run_dir: Path, hub: str | None, stop:
         ema = make_ema(cfg, accelerator.unwrap_model(model))
         state = LoopState()
         if resume is not None:
-            try:
-                state = LoopState(**json.loads((resume / "loop_state.json").read_text())["loop"])
-            except (TypeError, ValueError) as e:
-                raise UsageError(f"{resume / 'loop_state.json'} is damaged ({first_line(e)}); "
-                                 "--resume another checkpoint") from None
+            state = loop_state(read_json(resume / "loop_state.json")["loop"], resume)
             check_loop_state(state, len(data.train), cfg.gradient_accumulation_steps, resume)
-            accelerator.load_state(str(resume))
+            try:
+                accelerator.load_state(str(resume))
+            except Exception as e:  # a forged optimizer.bin: UnpicklingError, ...
+                raise UsageError(f"checkpoint {resume} does not load ({first_line(e)}): "
+                                 "damaged or edited; --resume another checkpoint") from None
             if ema is not None:
                 load_ema(ema, resume)
             print0(accelerator, f"resumed from {resume} (epoch {state.epoch + 1}, batch "
@@ -2217,7 +2394,13 @@ def run_training(cfg: Config, accelerator, run_dir: Path, hub: str | None, stop:
 def note_changes(accelerator, asked: Config, run_dir: Path) -> None:
     if not (run_dir / "config.json").exists():
         return
-    before = json.loads((run_dir / "config.json").read_text())["config"]
+    try:
+        before = read_json(run_dir / "config.json")["config"]
+        before.get
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        print0(accelerator, f"note: {run_dir / 'config.json'} is unreadable or edited: the "
+                            "settings the run began with are not compared (it is rewritten)")
+        return
     changed = [f"--{k} {before.get(k)} -> {v}" for k, v in asdict(asked).items()
                if before.get(k) != v and k not in ("resume", "overwrite", "output_dir")]
     if changed:
@@ -2277,6 +2460,16 @@ def tracker_config(cfg: Config) -> dict:
             for k, v in asdict(cfg).items()}
 
 
+EVAL_PIXELS = 2**24  # pixels per evaluation batch at the most, without --batch_size: 64 at 512 px
+
+
+def eval_batch(meta: dict, asked: int = 0) -> int:
+    """--eval_only / --predict batch: --batch_size, else 64 images, fewer where they are so
+    large (the weights' metadata says how large) that 64 would take gigabytes."""
+    h, w = meta["image_size"]
+    return asked or max(1, min(64, EVAL_PIXELS // (h * w)))
+
+
 def trained_model(cfg: Config) -> tuple[object, dict]:
     """--weights as a model on the CPU (checked against its metadata first) and the metadata."""
     weights, meta = read_weights(cfg.weights)
@@ -2296,7 +2489,7 @@ def run_eval_only(cfg: Config, given: set[str], accelerator, run_dir: Path, hub:
         split, image_col, label_col, what, part = load_eval_split(cfg, given, meta, hub)
     mode = pick_mode(cfg, accelerator, [(split, False, part)], meta, image_col, label_col)
     loader = make_loader(accelerator, split, image_col, label_col, meta, mode,
-                         cfg.batch_size or 64, worker_count(cfg), None, cfg.seed,
+                         eval_batch(meta, cfg.batch_size), worker_count(cfg), None, cfg.seed,
                          (cache_root(cfg), stop, part))
     model = accelerator.prepare(model)
     metrics = evaluate(accelerator, model, loader, meta, cfg.channels_last)
@@ -2333,7 +2526,7 @@ def run_predict(cfg: Config, accelerator, run_dir: Path) -> int:
                                            "label": datasets.Value("int64")}))
     loader = torch.utils.data.DataLoader(
         Decoded(split, "image", "label", "L" if meta["channels"] == 1 else "RGB",
-                *stored(meta, train=False)), batch_size=cfg.batch_size or 64,
+                *stored(meta, train=False)), batch_size=eval_batch(meta, cfg.batch_size),
         num_workers=worker_count(cfg), worker_init_fn=ignore_stop_signals)
     model = model.to(accelerator.device).eval()
     norm, k, rows = normalizer(meta, accelerator.device), min(5, meta["num_classes"]), []
@@ -2354,22 +2547,29 @@ def run_predict(cfg: Config, accelerator, run_dir: Path) -> int:
             out = csv.writer(f)
             out.writerow(["file"] + [f"{w}_{i}" for i in range(1, k + 1)
                                      for w in ("label", "probability")])
-            out.writerows(sorted(rows))
+            out.writerows([[spreadsheet_safe(v) for v in row] for row in sorted(rows)])
     print0(accelerator, f"predicted {len(rows)} images; wrote {run_dir / 'predictions.csv'}")
     accelerator.end_training()
     return EXIT_OK
 
 
+def spreadsheet_safe(cell: str) -> str:
+    """A file or class name a spreadsheet would run as a formula gets a leading quote."""
+    return "'" + cell if cell.startswith(("=", "+", "-", "@", "\t", "\r")) else cell
+
+
 def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
-    stop = StopFlag(Config.stop_signals)  # first: from here on a stop signal means exit 75
-    run_dir, made = None, False
+    run_dir, made, stop = None, False, StopFlag()
     try:
+        stop.catch(Config.stop_signals)  # first: from here on a stop signal means exit 75
         cfg, given = parse_config(argv)
         stop.catch(cfg.stop_signals)
         hub = hub_access(cfg.dataset)  # before datasets is imported
         contended = choose_wait_policy()
         import_libraries()
+        if not (cfg.eval_only or cfg.predict):
+            check_model_name(cfg.model)
         if not sys.stderr.isatty():
             datasets.disable_progress_bars()  # they flood log files (Slurm, CI)
         # On a CPU-only machine under torchrun / `accelerate launch --multi_gpu`, a plain
@@ -2400,7 +2600,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: error: {message[:2000]}", file=sys.stderr)
         return EXIT_USAGE
     except Stopped as e:
-        print(f"train.py: stopped by {stop.signal} {e}; exit {EXIT_PREEMPTED}", file=sys.stderr)
+        report(f"train.py: stopped by {stop.signal} {e}; exit {EXIT_PREEMPTED}, the same command "
+               "resumes")
         return EXIT_PREEMPTED
     except DiskFull as e:
         print(f"train.py: error: {e}", file=sys.stderr)
@@ -2408,6 +2609,12 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as e:
         print(f"train.py: {e}. The newest checkpoint is kept. Lower --lr, set "
               "--max_grad_norm, or pass --nan_policy skip", file=sys.stderr)
+        return EXIT_FAILED
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, MemoryError) and "alloc" not in str(e):
+            raise
+        print(f"train.py: error: out of memory ({first_line(e)}); lower --batch_size or "
+              "--image_size", file=sys.stderr)
         return EXIT_FAILED
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):

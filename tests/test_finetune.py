@@ -96,15 +96,21 @@ def test_init_from_refuses_another_architecture_and_non_weights(tmp_path, capsys
 
 @pytest.fixture
 def torch_home(tmp_path, monkeypatch) -> Path:
-    """A TORCH_HOME holding a stand-in for resnet18's IMAGENET1K_V1 file, under the exact name
-    torchvision reads (no network: nothing is downloaded)."""
+    """A TORCH_HOME holding a stand-in for resnet18's IMAGENET1K_V1 file (no network: nothing
+    is downloaded). train.py checks a file's sha256 against the hash prefix in torchvision's
+    file name (resnet18-f37072fd.pth), which no stand-in can match: the weights' url is
+    pointed at a name carrying the stand-in's own prefix, in this process."""
+    import hashlib
     import torchvision
     home = tmp_path / "torch_home"
-    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
     (home / "hub" / "checkpoints").mkdir(parents=True)
     torch.manual_seed(123)
-    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(),
-               home / "hub" / "checkpoints" / Path(url).name)
+    file = home / "hub" / "checkpoints" / "stand-in.pth"
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), file)
+    prefix = hashlib.sha256(file.read_bytes()).hexdigest()[:8]
+    file.rename(file.with_name(f"resnet18-{prefix}.pth"))
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.value
+    monkeypatch.setattr(weights, "url", weights.url.replace("f37072fd", prefix))
     monkeypatch.setenv("TORCH_HOME", str(home))
     return home
 
