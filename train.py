@@ -2203,7 +2203,9 @@ def epoch_batches(cfg: Config, accelerator, data: Data, state: LoopState, intera
 def stopped_before_start(cfg: Config, accelerator, model, data: Data, state: LoopState,
                          log: MetricsLog, stop: StopFlag, ema=None) -> bool:
     """Before the first step: agree on a signal that came during start-up (on any process),
-    and finish the evaluation that a resumed epoch-end checkpoint still owes."""
+    and finish the evaluation that a resumed epoch-end checkpoint still owes. From here on a
+    stop signal only sets the flag."""
+    stop.training()
     flag = torch.tensor([float(stop.signal is not None)], device=accelerator.device)
     if accelerator.reduce(flag).item():
         print0(accelerator, f"stopped by {stop.signal or 'a signal to another process'} before "
