@@ -58,6 +58,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import socket
@@ -106,7 +107,8 @@ def report(line: str) -> None:
 
 
 def first_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # torch's bold error titles
+    return f"{type(error).__name__}: {(text.splitlines() or [''])[0][:300]}"
 
 
 def cpu_count() -> int:
@@ -1077,8 +1079,8 @@ def cached(root: Path, split, image_col: str, label_col: str, meta: dict, train:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed or when this process dies
         except OSError as e:  # e.g. Lustre mounted without flock: builds may then overlap
-            print(f"warning: cannot lock {lock.name} ({e.strerror}): processes may decode the "
-                  "same split at the same time", flush=True)
+            print(f"warning: cannot lock {root / (folder.name + '.lock')} ({e.strerror}): "
+                  "processes may decode the same split at the same time", flush=True)
             lock = None
         data, damage = (open_cache(folder, split, label_col, meta, train) if folder.exists()
                         else (None, ""))
@@ -2621,9 +2623,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        print(f"train.py: error: {e.strerror} (writing {e.filename or run_dir}); the newest "
-              "complete checkpoint is kept: free some space and run the same command to resume",
-              file=sys.stderr)
+        print(f"train.py: error: {e.strerror} (writing {e.filename or run_dir}): free some "
+              "space and run the same command (it resumes from the newest complete checkpoint, "
+              "if there is one)", file=sys.stderr)
         return EXIT_FAILED
     finally:
         if made and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".lock"}:
