@@ -1,5 +1,5 @@
 """Train an image classifier with an explicit PyTorch loop, anywhere: laptop CPU, one GPU,
-many GPUs, many nodes, Slurm with preemption. One file; Hugging Face Accelerate owns devices,
+many GPUs, many nodes, Slurm with preemption. Hugging Face Accelerate owns devices,
 processes, mixed precision, accumulation and state; Hugging Face `datasets` owns loading.
 
     python train.py                           # laptop: built-in digits, ~99% in seconds
@@ -7,30 +7,29 @@ processes, mixed precision, accumulation and state; Hugging Face `datasets` owns
     accelerate launch --config_file accelerate_config.yaml train.py --dataset uoft-cs/cifar10
     torchrun --nproc_per_node 2 train.py      # on a CPU-only machine: 2 gloo processes
     sbatch slurm/multi_node.sbatch --dataset /data/imagenette --epochs 30
-    python train.py --eval_only --weights runs/x --dataset ./other_images --output_dir runs/x-eval
     python train.py --dataset ./photos --model resnet18 --pretrained --freeze_backbone
-    python train.py --dataset /data/imagenet --model resnet50 --data_mode cache  # decoded once
+    python train.py --eval_only --weights runs/x --dataset ./other_images --output_dir runs/x-eval
     python train.py --predict ./new_photos --weights runs/x --output_dir runs/x-predict
 
 Evidence (2-core x86 CPU, no GPU): the default run reaches 99.2% validation accuracy on
-digits (98.1-99.2% over seeds 0-4); its 8 epochs train in 0.5-1 s, the whole process (imports
-included) takes 6-9 s. README.md has the details.
+digits (98.1-99.2% over seeds 0-4) in 8 epochs of 0.5-1 s; README.md has the details.
 
-Contents, in the order data flows:
-    configuration    Config (every flag), CHECKS, parse_config, StopFlag (signals)
-    libraries        the OpenMP wait policy, import_libraries (after the flags), make_accelerator
-    data             load_source (image folders: one walk), columns, splits, image properties,
-                     decode (aspect kept, EXIF, 16-bit), loaders: memory, the decoded cache
-                     on disk (OnDisk, cached), stream
-    augmentation     pad-and-crop + flip on the device, normalization
-    model            the small CNN, torchvision models, starting weights, EMA, optimizer, mixing
-    run directory    the lock, LoopState, crash-safe checkpoints, metrics.jsonl, weights
-    the loop         train (the update step), after_step, evaluate_epoch (PreciseBN, metrics)
-    main             run_training, run_eval_only, run_predict, main
+Contents, in the order a run reads them:
+    settings        Config: every flag, one line each
+    the run         main, Run, train (the update step), after_step, a training run's set-up
+                    and results, --eval_only, --predict
+    evaluation      evaluate (exact over processes), PreciseBN
+    model           the small CNN, torchvision models, starting weights, optimizer, the
+                    learning rate, EMA, augmentation on the device
+    data            sources, columns, splits, image properties, decode, loaders
+    run directory   LoopState, checkpoints, the lock, metrics.jsonl, weights, config.json
+    flags, signals  CHECKS, parse_config, StopFlag, Exit; libraries, the accelerator
+    decoded cache   --data_mode cache: decoded once into files, read by index
+    workarounds     each opens with the library behaviour it works around
 
 A run directory holds config.json, metrics.jsonl, results.json, model.safetensors and
 checkpoints/step_XXXXXXXX/. Re-running the same command resumes from the newest complete
-checkpoint (--resume auto); a second run in a directory that a live run holds is refused.
+checkpoint; a second run in a directory that a live run holds is refused.
 
 Exit codes: 0 done; 2 bad usage or input; 75 stopped by a signal after saving a checkpoint,
 or before training started (requeue me); 1 anything else (a non-finite loss, a full disk).
@@ -75,64 +74,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PREEMPTED = 0, 1, 2, 75
 MAX_IMAGE_SIZE = 4096     # pixels per side: 48 MB per decoded RGB image already
 AUTO_SIZE_CAP = 224       # inferred image sizes stop here (torchvision's classification size)
 MIN_STEPS_PER_EPOCH = 10  # the automatic batch size shrinks (down to 8) to give this many
+EVAL_PIXELS = 2**24       # pixels per --eval_only/--predict batch without --batch_size
 
 
-def print0(accelerator, *values) -> None:
-    """Print once per job: accelerator.print prints once per node."""
-    if accelerator.is_main_process:
-        print(*values, flush=True)
-
-
-def listing(items, limit: int = 8) -> str:
-    """A list for a one-line message: the first few, then how many in all."""
-    items = [str(i) for i in items]
-    more = f", ... ({len(items)} in all)" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
-
-
-def size_text(n_bytes: float) -> str:
-    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
-
-
-def report(line: str) -> None:
-    """A stop line for both the log (stdout) and the error stream: once where they are one file
-    (a terminal, a Slurm log)."""
-    print(line, flush=True)
-    try:
-        if os.path.samestat(os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())):
-            return
-    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # captured streams
-        pass
-    print(line, file=sys.stderr, flush=True)
-
-
-def first_line(error: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # torch's bold error titles
-    return f"{type(error).__name__}: {(text.splitlines() or [''])[0][:300]}"
-
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-class UsageError(Exception):
-    """An expected mistake in the command line or the data: reported in one line, exit 2."""
-
-
-class NonFiniteLoss(Exception):
-    """The loss became NaN or inf under --nan_policy stop: exit 1, last checkpoint kept."""
-
-
-class DiskFull(Exception):
-    """No room for the decoded cache: one line, exit 1."""
-
-
-class Stopped(BaseException):
-    """A stop signal before training started: exit 75. A BaseException, as KeyboardInterrupt
-    is: the handler raises it wherever start-up is, and `except Exception` must not catch it."""
-
-
-# ----------------------------------------------------------------------------- configuration
+# ----------------------------------------------------------------------------- settings
 
 def opt(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -141,80 +86,52 @@ def opt(default, help: str, choices: tuple | None = None):
 @dataclass
 class Config:
     # data
-    dataset: str = opt("digits", "'digits' (built in, offline), a Hub id, an image folder (class "
-                       "subfolders, optional train/ validation/ test/), a Hub download (dataset "
-                       "card + parquet/csv/json files) or a save_to_disk dir")
+    dataset: str = opt("digits", "digits (built in), a Hub id, an image folder, a save_to_disk dir")
     dataset_config: str | None = opt(None, "Hub dataset configuration name")
     revision: str | None = opt(None, "Hub dataset revision: branch, tag or commit")
-    image_column: str | None = opt(None, "image column; default: the Image feature ('image' "
-                                   "first)")
-    label_column: str | None = opt(None, "label column; default: the ClassLabel feature "
-                                   "('label' first), else a plain 'label' column")
-    val_fraction: float = opt(0.2, "held out, stratified, when the data has no validation split")
-    image_size: int = opt(0, "square side in pixels (shorter side resized, centre crop); 0 = "
-                          "auto: the images' own size if they all share one, else the median "
-                          f"shorter side; at most {AUTO_SIZE_CAP}")
-    channels: int = opt(0, "1 (grayscale) or 3 (RGB); 0 = auto: 3 if at least half the sampled "
-                        "images are colour (torchvision models always take 3)", (0, 1, 3))
-    data_mode: str = opt("auto", "memory: decode once, batches on the device; cache: decode "
-                         "once into files under --cache_dir (reused by later runs), read by "
-                         "index; stream: decode every epoch in loader workers; auto: memory if "
-                         "it fits --memory_budget_gb, else cache if the disk has room, else "
-                         "stream", ("auto", "memory", "cache", "stream"))
-    memory_budget_gb: float = opt(4.0, "largest decoded dataset kept in memory by --data_mode auto")
-    cache_dir: str | None = opt(None, "where --data_mode cache keeps decoded splits; default: "
-                                "train.py-decoded/ in the datasets cache (HF_DATASETS_CACHE)")
+    image_column: str | None = opt(None, "image column; default: the Image feature")
+    label_column: str | None = opt(None, "label column; default: the ClassLabel feature")
+    val_fraction: float = opt(0.2, "held out, stratified, when there is no validation split")
+    image_size: int = opt(0, f"square side in pixels; 0 = auto (at most {AUTO_SIZE_CAP})")
+    channels: int = opt(0, "1 (grayscale) or 3 (RGB); 0 = auto from the images", (0, 1, 3))
+    data_mode: str = opt("auto", "memory, cache (decoded files), stream, or auto by size",
+                         ("auto", "memory", "cache", "stream"))
+    memory_budget_gb: float = opt(4.0, "largest decoded dataset --data_mode auto keeps in memory")
+    cache_dir: str | None = opt(None, "--data_mode cache's folder; default: HF_DATASETS_CACHE's")
     num_workers: int = opt(-1, "loader worker processes; -1 = from the CPU count, 0 = none")
-    crop_padding: int = opt(-1, "random-crop padding in pixels; -1 = image_size // 8, 0 = off")
-    hflip: str = opt("auto", "random horizontal flips; auto = on for colour data, off for "
-                     "grayscale", ("auto", "yes", "no"))
-    recipe: str = opt("auto", "augmentation. small: random crop of the zero-padded image "
-                      "(--crop_padding) + flips (CIFAR's); photo: random resized crop + flips, "
-                      "and evaluation on the resized image's centre (--crop_fraction) "
-                      "(torchvision's ImageNet recipe); auto: photo from 64 px up",
-                      ("auto", "small", "photo"))
-    crop_scale: float = opt(0.08, "photo: smallest random crop, as a fraction of the image's "
-                            "area (largest: all of it)")
-    crop_ratio: float = opt(4 / 3, "photo: largest aspect ratio of a random crop (smallest: "
-                            "1 / this)")
-    crop_fraction: float = opt(0.875, "photo: evaluation resizes the image to size / this, "
-                               "then crops the centre (--pretrained: the weights' own)")
+    crop_padding: int = opt(-1, "small recipe: random-crop padding in pixels; -1 = size // 8")
+    hflip: str = opt("auto", "random horizontal flips; auto = on for colour data",
+                     ("auto", "yes", "no"))
+    recipe: str = opt("auto", "augmentation: small (pad+crop), photo (resized crop); auto: photo "
+                      "from 64 px", ("auto", "small", "photo"))
+    crop_scale: float = opt(0.08, "photo: smallest random crop, as a fraction of the area")
+    crop_ratio: float = opt(4 / 3, "photo: largest aspect ratio of a random crop")
+    crop_fraction: float = opt(0.875, "photo: evaluation crops this part of the resized image")
     # model
-    model: str = opt("cnn", "'cnn' (small, defined here) or a torchvision classifier: resnet18")
-    pretrained: str | None = opt(None, "torchvision's weights for --model: DEFAULT or a name "
-                                 "(IMAGENET1K_V1), from $TORCH_HOME/hub/checkpoints or "
-                                 "downloaded; their mean, std and crop size are used")
-    init_from: str | None = opt(None, "start from these weights: a run directory, a "
-                                "model.safetensors or a state dict file; tensors that fit "
-                                "load, a head for another class count is new")
-    freeze_backbone: bool = opt(False, "train only the classifier head (the last linear "
-                                "layer); needs --pretrained or --init_from")
+    model: str = opt("cnn", "cnn (small, defined here) or a torchvision classifier: resnet50, ...")
+    pretrained: str | None = opt(None, "torchvision's weights for --model: DEFAULT or a name")
+    init_from: str | None = opt(None, "start from a run directory, model.safetensors or state dict")
+    freeze_backbone: bool = opt(False, "train only the classifier head (the last linear layer)")
     head_lr_scale: float = opt(1.0, "learning-rate multiplier for the classifier head")
     # optimization
     epochs: int = opt(8, "passes over the training data")
-    batch_size: int = opt(0, "images per process per micro-batch (effective: x processes x "
-                          "accum); 0 = auto: 64, halved down to 8 until an epoch has "
-                          f"{MIN_STEPS_PER_EPOCH} steps")
+    batch_size: int = opt(0, "images per process per micro-batch; 0 = auto: 64, or fewer for few")
     lr: float = opt(0.05, "peak learning rate")
     optimizer: str = opt("sgd", "sgd (momentum) or adamw", ("sgd", "adamw"))
     momentum: float = opt(0.9, "SGD momentum")
     weight_decay: float = opt(0.0, "decoupled for adamw, L2 for sgd; 0 = off")
     label_smoothing: float = opt(0.0, "cross-entropy label smoothing; 0 = off")
-    mixup: float = opt(0.0, "MixUp alpha (torchvision's v2.MixUp); 0 = off")
-    cutmix: float = opt(0.0, "CutMix alpha (v2.CutMix); 0 = off; with --mixup, one of the two "
-                        "per batch")
+    mixup: float = opt(0.0, "MixUp alpha; 0 = off")
+    cutmix: float = opt(0.0, "CutMix alpha; 0 = off (with --mixup: one of them per batch)")
     max_grad_norm: float = opt(0.0, "gradient clipping norm; 0 = off")
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
     schedule: str = opt("cosine", "learning-rate curve after warmup",
                         ("constant", "cosine", "onecycle"))
-    warmup_steps: int = opt(0, "optimizer steps of linear warmup; 0 = off "
-                            "(onecycle: 0 = 25%% of the run)")
+    warmup_steps: int = opt(0, "optimizer steps of linear warmup; 0 = off (onecycle: 25%%)")
     nan_policy: str = opt("stop", "on a NaN/inf loss: stop (exit 1) or skip the step",
                           ("stop", "skip"))
-    ema_decay: float = opt(0.0, "keep an exponential moving average of the weights (torch's "
-                           "AveragedModel), evaluated and saved beside them: 0.999; 0 = off")
-    precise_bn: int = opt(2048, "training images that recompute BatchNorm statistics before "
-                          "each evaluation (running averages lag early on); 0 = off")
+    ema_decay: float = opt(0.0, "EMA of the weights, e.g. 0.999; 0 = off")
+    precise_bn: int = opt(2048, "images that recompute BatchNorm statistics to evaluate; 0 = off")
     # outputs and logging
     output_dir: str | None = opt(None, "run directory; default: a new runs/<date>-<time>-<model>")
     overwrite: bool = opt(False, "replace a finished or different run in --output_dir")
@@ -222,282 +139,745 @@ class Config:
     report_to: str = opt("none", "trackers through Accelerate",
                          ("none", "tensorboard", "wandb", "mlflow", "all"))
     # checkpoints and preemption
-    checkpoint_every: int = opt(0, "optimizer steps between checkpoints (also at every epoch "
-                                "end); 0 = epoch ends only")
+    checkpoint_every: int = opt(0, "optimizer steps between checkpoints; 0 = epoch ends only")
     keep_checkpoints: int = opt(3, "newest checkpoints kept; 0 = keep all")
-    resume: str = opt("auto", "auto: newest complete checkpoint in --output_dir, if any; "
-                      "none: start over; or a checkpoint directory")
+    resume: str = opt("auto", "auto (newest complete checkpoint), none, or a checkpoint directory")
     stop_signals: str = opt("USR1,TERM,INT", "signals that mean: checkpoint, then exit 75")
     # system
     seed: int = opt(0, "seeds the split, the data order, augmentation and the weights")
     cpu: bool = opt(False, "train on the CPU even when an accelerator is present")
-    mixed_precision: str | None = opt(None, "no, fp16 or bf16; default: the launcher's setting "
-                                      "on a GPU, no on the CPU", ("no", "fp16", "bf16"))
+    mixed_precision: str | None = opt(None, "no, fp16 or bf16; default: the launcher's on a GPU",
+                                      ("no", "fp16", "bf16"))
     compile: bool = opt(False, "torch.compile the model (inductor)")
     channels_last: bool = opt(False, "channels-last memory format for model and inputs")
     threads: int = opt(0, "CPU threads per process; 0 = torch's default (OMP_NUM_THREADS)")
     # evaluation only
     eval_only: bool = opt(False, "evaluate --weights, no training")
-    weights: str | None = opt(None, "for --eval_only and --predict: a run directory or a "
-                              "model.safetensors")
-    predict: str | None = opt(None, "with --weights: write predictions.csv (top-5 classes and "
-                              "probabilities) for this image file or folder (searched deeply)")
-    split: str | None = opt(None, "for --eval_only: the split to evaluate; default: the "
-                            "validation split the weights were trained with, or for another "
-                            "--dataset its validation/test split, else all of it")
+    weights: str | None = opt(None, "for --eval_only and --predict: a run dir or model.safetensors")
+    predict: str | None = opt(None, "with --weights: predictions.csv for this image file or folder")
+    split: str | None = opt(None, "for --eval_only: the split to evaluate; default: validation")
 
 
-CHECKS = [  # (field, ok, requirement)
-    ("epochs", lambda v: v >= 1, "at least 1"),
-    ("batch_size", lambda v: v >= 0, ">= 0 (0 = auto)"),
-    ("lr", lambda v: v > 0, "> 0"),
-    ("val_fraction", lambda v: 0 < v < 1, "between 0 and 1"),
-    ("image_size", lambda v: 0 <= v <= MAX_IMAGE_SIZE, f"between 0 (auto) and {MAX_IMAGE_SIZE}"),
-    ("memory_budget_gb", lambda v: v > 0, "> 0"),
-    ("num_workers", lambda v: v >= -1, ">= -1"),
-    ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("weight_decay", lambda v: v >= 0, ">= 0"),
-    ("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("max_grad_norm", lambda v: v >= 0, ">= 0"),
-    ("gradient_accumulation_steps", lambda v: v >= 1, "at least 1"),
-    ("warmup_steps", lambda v: v >= 0, ">= 0"),
-    ("precise_bn", lambda v: v >= 0, ">= 0"),
-    ("head_lr_scale", lambda v: v > 0, "> 0"),
-    ("crop_scale", lambda v: 0 < v <= 1, "in (0, 1]"),
-    ("crop_ratio", lambda v: 1 <= v <= 10, "in [1, 10]"),
-    ("crop_fraction", lambda v: 0.2 <= v <= 1, "in [0.2, 1]"),
-    ("mixup", lambda v: v >= 0, ">= 0"),
-    ("ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("cutmix", lambda v: v >= 0, ">= 0"),
-    ("log_every", lambda v: v >= 0, ">= 0"),
-    ("checkpoint_every", lambda v: v >= 0, ">= 0"),
-    ("keep_checkpoints", lambda v: v >= 0, ">= 0"),
-    ("threads", lambda v: v >= 0, ">= 0"),
-    ("crop_padding", lambda v: -1 <= v <= MAX_IMAGE_SIZE, ">= 0 or -1 (auto), and at most the "
-     "image side"),
-    ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy's seed range)"),
-    ("output_dir", lambda v: v is None or v.strip() != "", "a directory, not empty"),
-    ("cache_dir", lambda v: v is None or v.strip() != "", "a directory, not empty"),
-]
+# ----------------------------------------------------------------------------- the run
 
-
-GROUPS = {"dataset": "data", "model": "model", "epochs": "optimization",  # first field: title
-          "output_dir": "outputs and logging", "checkpoint_every": "checkpoints and preemption",
-          "seed": "system", "eval_only": "evaluation only"}
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse prints its 31-line usage first
-        raise UsageError(f"{message} (--help lists the flags)")
-
-
-def parse_config(argv: list[str] | None = None) -> tuple[Config, set[str]]:
-    """Flags are generated from Config; returns the config and the names given explicitly.
-    Everything here is checked before any file is written or any library imported."""
-    parser = OneLineParser(description=__doc__.split("\n\n")[0],
-                                     argument_default=argparse.SUPPRESS,
-                                     allow_abbrev=False)  # slurm/lib.sh reads --output_dir
-    for f in fields(Config):
-        group = parser.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
-        text = f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})")
-        if f.type == "bool":
-            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=text)
-        elif f.name == "pretrained":  # --pretrained alone means DEFAULT
-            group.add_argument(f"--{f.name}", nargs="?", const="DEFAULT", help=text)
-        else:
-            group.add_argument(f"--{f.name}", type={"int": int, "float": float}.get(f.type, str),
-                               choices=f.metadata["choices"], help=text)
-    given = vars(parser.parse_args(argv))
-    cfg = Config(**given)
-    for f in fields(Config):
-        if f.type == "float" and not math.isfinite(getattr(cfg, f.name)):
-            raise UsageError(f"--{f.name} must be a finite number (got {getattr(cfg, f.name)})")
-    for name, ok, requirement in CHECKS:
-        if not ok(getattr(cfg, name)):
-            raise UsageError(f"--{name} must be {requirement} (got {getattr(cfg, name)!r})")
-    signal_numbers(cfg.stop_signals)
-    if cfg.eval_only and not cfg.weights:
-        raise UsageError("--eval_only needs --weights RUN_DIR_OR_MODEL_SAFETENSORS")
-    if cfg.predict and not cfg.weights:
-        raise UsageError("--predict needs --weights RUN_DIR_OR_MODEL_SAFETENSORS")
-    for flag in ("weights", "split"):
-        if flag in given and not (cfg.eval_only or (cfg.predict and flag == "weights")):
-            raise UsageError(f"--{flag} goes with --eval_only (evaluate saved weights) or "
-                             "--predict; drop it to train")
-    if cfg.resume not in ("auto", "none") and cfg.overwrite:
-        raise UsageError(f"--resume {cfg.resume} continues that checkpoint, --overwrite would "
-                         "delete it: drop --overwrite")
-    if cfg.pretrained and cfg.init_from:
-        raise UsageError("--pretrained and --init_from both give starting weights: pick one")
-    if cfg.pretrained and cfg.model == "cnn":
-        raise UsageError("--pretrained takes torchvision's weights: name a torchvision --model "
-                         "(resnet18, ...); for a cnn run use --init_from RUN_DIR")
-    if cfg.freeze_backbone and not (cfg.pretrained or cfg.init_from):
-        raise UsageError("--freeze_backbone would train a head on random features: add "
-                         "--pretrained or --init_from")
-    if cfg.channels == 1 and cfg.model != "cnn":
-        raise UsageError(f"--channels 1: torchvision models (--model {cfg.model}) take RGB input")
-    return cfg, set(given)
-
-
-def signal_numbers(names: str) -> list[int]:
-    numbers = []
-    for name in filter(None, (n.strip().upper() for n in names.split(","))):
-        signum = getattr(signal, name if name.startswith("SIG") else "SIG" + name, None)
-        if not isinstance(signum, signal.Signals):
-            raise UsageError(f"--stop_signals: unknown signal {name}")
-        if signum in (signal.SIGKILL, signal.SIGSTOP):
-            raise UsageError(f"--stop_signals: {signum.name} cannot be caught; use USR1, TERM "
-                             "or INT")
-        numbers.append(signum)
-    return numbers
-
-
-class StopFlag:
-    """Signal handlers only set this; the processes agree on it at the next step boundary.
-    Before the training loop (imports, data, checkpoint checks) nothing is lost by stopping, so
-    until `training()` the handler ends the process at once (Stopped: exit 75) instead of
-    waiting for start-up work of unknown length. Never restored by the program: a signal during
-    the shutdown after the last checkpoint still means exit 75."""
-
-    def __init__(self, names: str = ""):
-        self.signal: str | None = None
-        self.caught: list[int] = []
-        self.immediate = True
-        self.catch(names)
-
-    def catch(self, names: str) -> None:
-        wanted = signal_numbers(names)
-        for signum in set(self.caught) - set(wanted):
-            signal.signal(signum, signal.SIG_DFL)
-        for signum in wanted:
-            signal.signal(signum, self.handle)
-        self.caught = wanted
-        for signum in EARLY_SIGNALS:  # before main() started: in the default set, or not at all
-            if signum in wanted:
-                self.handle(signum, None)
-
-    def handle(self, signum, frame) -> None:
-        self.signal = signal.Signals(signum).name
-        if self.immediate:
-            self.immediate = False
-            raise Stopped("before training started: nothing to save")
-
-    def training(self) -> None:
-        """From the first step on, a signal only sets the flag (checkpoint, then exit 75)."""
-        self.immediate = False
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers: a Ctrl-C or Slurm's SIGTERM goes to the whole process group, and a
-    worker killed by it would crash the run before the main process can checkpoint."""
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(signum, signal.SIG_IGN)
-
-
-# ----------------------------------------------------------------------------- libraries
-
-def busy_cores(seconds: float = 0.1) -> float:
-    """How many of this process's cores other processes keep busy right now (/proc/stat over
-    `seconds`, while this process sleeps); 0 where that cannot be read."""
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            rows = [line.split() for line in f if line.startswith("cpu")]
-        mine = [r for r in rows if r[0][3:].isdigit() and int(r[0][3:]) in os.sched_getaffinity(0)]
-        ticks = [list(map(int, r[1:9])) for r in mine]
-        return sum(map(sum, ticks)), sum(t[3] + t[4] for t in ticks)  # all, idle + iowait
+def main(argv: list[str] | None = None) -> int:
+    """Flags, libraries, the accelerator; then training, --eval_only or --predict."""
+    t_start = time.perf_counter()
+    stop, run_dir, made = StopFlag(), None, False
     try:
-        (all0, idle0), _, (all1, idle1) = sample(), time.sleep(seconds), sample()
-    except (OSError, ValueError, AttributeError):  # not Linux
-        return 0.0
-    return (all1 - all0 - (idle1 - idle0)) / os.sysconf("SC_CLK_TCK") / seconds
+        stop.catch(Config.stop_signals)  # first: from here on a stop signal means exit 75
+        cfg, given = parse_config(argv)
+        stop.catch(cfg.stop_signals)
+        hub = hub_access(cfg.dataset)  # before datasets is imported
+        contended = choose_wait_policy()
+        import_libraries()
+        if not (cfg.eval_only or cfg.predict):
+            check_model_name(cfg.model)  # before minutes of data loading
+        cpu = use_cpu(cfg)
+        accelerate.PartialState(cpu=cpu)  # the process group: the run directory is agreed on it
+        run_dir, made = resolve_run_dir(cfg, "eval" if cfg.eval_only else "predict"
+                                        if cfg.predict else cfg.model)
+        accelerator = make_accelerator(cfg, cpu, run_dir)
+        if contended:
+            print0(accelerator, contended)
+        run = Run(cfg, given, accelerator, run_dir, stop, hub, t_start)
+        predict(run) if cfg.predict else evaluate_only(run) if cfg.eval_only else training(run)
+        return EXIT_OK
+    except (Exit, KeyboardInterrupt, OSError, MemoryError, RuntimeError) as error:
+        return exit_code(error, stop, run_dir)
+    finally:
+        if made and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".lock"}:
+            shutil.rmtree(run_dir)  # a default run directory that nothing was written to
 
 
-def choose_wait_policy() -> str:
-    """OpenMP threads spin while they wait for work. With another busy process on 2 cores
-    that made the default run take 39-77 s instead of ~9 s; passive waiting fixes it, but on
-    a quiet machine it doubled the small CNN's training time. So: passive only when other
-    processes keep this process's cores busy at start-up, and never over the user's choice.
-    Before torch is imported (libgomp reads it once). Returns a note, or ''."""
-    if "OMP_WAIT_POLICY" in os.environ:
-        return ""
-    busy = busy_cores()
-    if busy < 0.5:
-        return ""
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    return (f"note: other processes keep {busy:.1f} of this process's {cpu_count()} cores "
-            "busy: OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE)")
+@dataclass
+class Run:
+    """What a run holds, passed as one. `cfg` is the one resolved configuration: the flags as
+    given (`asked`) with what every automatic setting became, once the data are known."""
+    asked: Config
+    given: set                  # the flags given explicitly
+    accelerator: object
+    dir: Path
+    stop: StopFlag
+    hub: str | None             # a Hub id's reachability (hub_access)
+    t_start: float
+    cfg: Config = None
+    data: Data | None = None
+    model: object = None        # prepared by Accelerate
+    optimizer: object = None
+    ema: object = None          # torch's AveragedModel, or None
+    state: LoopState = field(default_factory=lambda: LoopState())
+    log: MetricsLog | None = None
+    identity: dict = field(default_factory=dict)  # what a checkpoint must match to resume
+
+    def __post_init__(self):
+        self.cfg = self.cfg or self.asked
 
 
-def import_libraries() -> None:
-    """torch, torchvision, accelerate and datasets take ~6 s to import: they come after the
-    stop signals are caught and the flags are checked, so --help and a bad flag answer at once
-    and a signal during the imports is not lost. Tests and benchmarks call this first."""
-    global accelerate, datasets, np, PIL, safetensors, torch, torchvision, nn, F, TF, tqdm
-    import accelerate
-    import accelerate.optimizer
-    import accelerate.tracking
-    import accelerate.utils
-    import datasets
-    import numpy as np
-    import PIL.Image
-    import PIL.ImageOps
-    import safetensors
-    import safetensors.torch
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-    import torchvision
-    from torchvision.transforms.v2 import functional as TF
-    from tqdm.auto import tqdm
+def train(run: Run) -> None:
+    """The explicit loop, to the end of the last epoch (or Exit 75 after a stop's checkpoint)."""
+    cfg, accelerator, state, model = run.cfg, run.accelerator, run.state, run.model
+    optimizer, meta, rank = run.optimizer, run.data.meta, accelerator.process_index
+    batches, accum = len(run.data.train), cfg.gradient_accumulation_steps
+    tail, total = batches % accum, -(-batches // accum) * cfg.epochs  # short last group; steps
+    aug, norm = torch.Generator(device=accelerator.device), normalizer(meta, accelerator.device)
+    mix = mixer(cfg, meta["num_classes"])
+    while state.epoch < cfg.epochs:
+        model.train()
+        bar, clock = epoch_batches(run)
+        # This step's summed mean losses, correct predictions and stop signal on this process,
+        # kept on the device: reduced over processes once per step, then summed into Python.
+        step_loss, step_correct, step_stop = sums = torch.zeros(  # views of one tensor
+            3, dtype=torch.float64, device=accelerator.device)
+        for images, labels in bar:
+            aug.manual_seed(hash((cfg.seed, state.epoch, state.batch, rank)) % 2**62)
+            images = augment_batch(images, meta, aug)
+            # Accelerate divides every loss by `accum`, also in a short last group: rescale
+            # so that each update is the mean over the micro-batches it really has.
+            scale = accum / tail if tail and state.batch >= batches - tail else 1.0
+            # ---- the update step
+            with accelerator.accumulate(model):
+                x, targets = to_input(images, norm, cfg.channels_last), labels
+                if mix is not None:  # targets become class probabilities
+                    x, targets = mix(x, labels)
+                logits = model(x)
+                loss = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
+                accelerator.backward(loss if scale == 1 else loss * scale)
+                step_loss += loss.detach()
+                step_correct += (logits.argmax(1) == labels).sum()
+                if accelerator.sync_gradients:
+                    # One collective per step: loss and accuracy over all processes (a NaN/inf
+                    # anywhere makes the sum non-finite) and whether any got a stop signal.
+                    step_stop.fill_(run.stop.signal is not None)
+                    loss_sum, correct, stops = accelerator.reduce(sums).tolist()
+                    nonfinite = not math.isfinite(loss_sum)
+                    if nonfinite and cfg.nan_policy == "stop":
+                        raise non_finite(state)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_at(state.step, total, cfg) * group["lr_scale"]
+                    if cfg.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    if nonfinite:  # --nan_policy skip: drop this update
+                        optimizer.zero_grad(set_to_none=True)
+                        state.skipped_steps += 1
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            # ---- bookkeeping, keyed on the optimizer step
+            state.batch += 1
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            if not nonfinite:  # the epoch's running sums, the same on every process
+                grouped = tail if tail and state.batch == batches else accum  # micro-batches
+                seen = grouped * cfg.batch_size * accelerator.num_processes  # drop_last
+                state.epoch_sums = [a + b for a, b in zip(
+                    state.epoch_sums, (loss_sum * cfg.batch_size, correct, seen))]
+            sums.zero_()
+            after_step(run, bar, clock, total, stopping=stops > 0)
 
 
-def make_accelerator(cfg: Config, cpu: bool, run_dir: Path):
-    available = [str(t) for t in accelerate.tracking.get_available_trackers()]
-    if cfg.report_to not in ("none", "all", *available):  # Accelerate would log nowhere
-        raise UsageError(f"--report_to {cfg.report_to}: the package is not installed "
-                         f"(pip install {cfg.report_to})")
-    # The shipped launcher config asks for bf16, which on a CPU is slower than fp32 and no
-    # better: on the CPU only an explicit --mixed_precision turns it on.
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    mixed = cfg.mixed_precision or ("no" if cpu else None)
+def non_finite(state: LoopState) -> Exit:
+    return Exit(f"the loss is not finite at optimizer step {state.step + 1} (epoch "
+                f"{state.epoch + 1}). The newest checkpoint is kept. Lower --lr, set "
+                "--max_grad_norm, or pass --nan_policy skip", EXIT_FAILED)
+
+
+def after_step(run: Run, bar, clock: dict, total: int, stopping: bool) -> None:
+    """Log, end the epoch, checkpoint, evaluate: what follows an optimizer step. The epoch's
+    checkpoint comes before its evaluation, so an evaluation that fails loses no training."""
+    cfg, state = run.cfg, run.state
+    clock["log_steps"] += 1
+    if run.ema is not None:
+        run.ema.update_parameters(run.accelerator.unwrap_model(run.model))
+    end_of_epoch = state.batch == len(run.data.train)
+    if cfg.log_every and state.step % cfg.log_every == 0 and not end_of_epoch \
+            and state.epoch_sums[2]:
+        log_train(run, bar, clock, total)
+    if not (end_of_epoch or stopping or (
+            cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0)):
+        return
+    # train time excludes evaluation and saving, and survives resumes
+    state.train_time_s += time.perf_counter() - clock["train"]
+    if end_of_epoch:
+        bar.close()
+        end_epoch(run, clock["epoch"])
+    path = save_checkpoint(run)
+    if state.evaluated < state.epoch:
+        evaluate_epoch(run)
+    clock["train"] = time.perf_counter()
+    if stopping:
+        print0(run.accelerator, f"stopped by {run.stop.signal or 'a signal to another process'} "
+                                f"at step {state.step}: saved {path}; exit {EXIT_PREEMPTED}, the "
+                                "same command resumes")
+        raise Exit("", EXIT_PREEMPTED)
+
+
+def log_train(run: Run, bar, clock: dict, total: int) -> None:
+    """A train event: metrics.jsonl and the trackers, and the progress bar or a plain line."""
+    state, acc = run.state, run.accelerator
+    loss_sum, correct, count = state.epoch_sums
+    per_step = run.cfg.batch_size * run.cfg.gradient_accumulation_steps * acc.num_processes
+    rate = per_step * clock["log_steps"] / (time.perf_counter() - clock["log"])
+    clock["log"], clock["log_steps"] = time.perf_counter(), 0
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.log("train", state.step, state.epoch + 1, loss=loss_sum / count, acc=correct / count,
+            lr=lr, images_per_s=round(rate, 1))
+    if interactive(acc):
+        bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.2%}")
+    else:
+        print0(acc, f"epoch {state.epoch + 1} step {state.step}/{total}  loss "
+                    f"{loss_sum / count:.4f} acc {correct / count:.2%}  lr {lr:.4g}  "
+                    f"{rate:.0f} img/s")
+
+
+def interactive(accelerator) -> bool:
+    return accelerator.is_main_process and sys.stderr.isatty()
+
+
+def epoch_batches(run: Run):
+    """The rest of this epoch's batches (all of them, or after the resumed batch index), with a
+    progress bar on a terminal, and the epoch's clocks."""
+    loader, state = run.data.train, run.state
+    epoch_loader = run.accelerator.skip_first_batches(loader, state.batch) if state.batch \
+        else loader
+    # A prepared loader sets its sampler's epoch from its own pass counter, which starts at 0
+    # in a resumed process (and in the loader skip_first_batches makes): set both.
+    epoch_loader.set_epoch(state.epoch)
+    run.data.sampler.set_epoch(state.epoch)
+    clock = {"epoch": time.perf_counter(), "log": time.perf_counter(),
+             "train": time.perf_counter(), "log_steps": 0}
+    return tqdm(epoch_loader, total=len(loader), initial=state.batch,
+                disable=not interactive(run.accelerator),
+                desc=f"epoch {state.epoch + 1}/{run.cfg.epochs}", leave=False), clock
+
+
+def stop_at_start(run: Run) -> None:
+    """Before the first step, from which on a stop signal only sets the flag: agree on one that
+    came during start-up on any process, and finish the evaluation that a resumed epoch-end
+    checkpoint still owes."""
+    run.stop.training()
+    flag = torch.tensor([float(run.stop.signal is not None)], device=run.accelerator.device)
+    if run.accelerator.reduce(flag).item():
+        print0(run.accelerator, f"stopped by {run.stop.signal or 'a signal to another process'} "
+                                "before training started: nothing new to save; exit "
+                                f"{EXIT_PREEMPTED}, the same command resumes")
+        raise Exit("", EXIT_PREEMPTED)
+    if run.state.evaluated < run.state.epoch:  # e.g. it failed on a corrupt validation image
+        evaluate_epoch(run)
+
+
+def end_epoch(run: Run, t_epoch: float) -> None:
+    """Close the epoch's training metrics and move the loop state to the next epoch."""
+    state, epoch_time = run.state, time.perf_counter() - t_epoch
+    loss_sum, correct, count = state.epoch_sums
+    count = count or math.nan  # every step of the epoch skipped (--nan_policy skip)
+    rate = count / epoch_time
+    state.last_metrics = {"train_loss": loss_sum / count, "train_acc": correct / count,
+                          "epoch_time_s": round(epoch_time, 3), "images_per_s": round(rate, 1),
+                          "images_per_s_per_process": round(
+                              rate / run.accelerator.num_processes, 1)}
+    state.epoch, state.batch, state.epoch_sums = state.epoch + 1, 0, [0.0] * 3
+
+
+def evaluate_epoch(run: Run) -> None:
+    """Evaluate the epoch just finished (after its checkpoint) and report it."""
+    state, acc, data = run.state, run.accelerator, run.data
+    precise_bn(run, run.model)
+    metrics = {**state.last_metrics, **evaluate(acc, run.model, data.val, data.meta,
+                                                 run.cfg.channels_last)}
+    if run.ema is not None:  # its BatchNorm statistics recomputed for its weights as well
+        precise_bn(run, run.ema.module)
+        averaged = evaluate(acc, run.ema.module, data.val, data.meta, run.cfg.channels_last)
+        metrics.update(val_acc_ema=averaged["val_acc"], val_loss_ema=averaged["val_loss"])
+    run.model.train()
+    metrics["peak_rss_mb"], metrics["peak_device_mb"] = peak_memory_mb(acc)
+    state.evaluated, state.last_metrics = state.epoch, metrics
+    state.best_val_acc = max(state.best_val_acc, metrics["val_acc"])
+    run.log("eval", state.step, state.epoch, **{k: v for k, v in metrics.items()  # scalars
+                                                  if isinstance(v, (int, float))})
+    rate = metrics["images_per_s"]
+    print0(acc, f"epoch {state.epoch}/{run.cfg.epochs}  train loss {metrics['train_loss']:.4f} "
+                f"acc {metrics['train_acc']:.2%}  val loss {metrics['val_loss']:.4f} "
+                f"acc {metrics['val_acc']:.2%}  "
+                + (f"ema acc {metrics['val_acc_ema']:.2%}  " if run.ema is not None else "")
+                + f"{metrics['epoch_time_s']:.2f}s  {rate:.0f} img/s "
+                f"({rate / acc.num_processes:.0f}/process)  peak {metrics['peak_rss_mb']:.0f} MB")
+
+
+def training(run: Run) -> None:
+    """A training run from its data to its results: set up (or resumed), trained, saved."""
+    acc, cfg = run.accelerator, run.asked
+    run.data = build_data(run)  # resolves run.cfg
+    start = None
+    if cfg.pretrained or cfg.init_from:  # read (or downloaded, once per machine) up front
+        with acc.main_process_first():
+            start = starting_state(run.cfg)
+    resume, lock = prepare_run_dir(run)
     try:
-        accelerator = accelerate.Accelerator(
-            cpu=cpu, project_dir=str(run_dir), mixed_precision=mixed,
-            gradient_accumulation_plugin=accelerate.utils.GradientAccumulationPlugin(
-                num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=True),
-            dataloader_config=accelerate.utils.DataLoaderConfiguration(non_blocking=True),
-            dynamo_plugin=accelerate.utils.TorchDynamoPlugin(backend="inductor")
-            if cfg.compile else None,
-            log_with=None if cfg.report_to == "none" else cfg.report_to)
-    except (ValueError, ImportError) as e:  # e.g. an uninstalled tracker, bf16 unsupported
-        raise UsageError(str(e).strip().splitlines()[0]) from None
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        # Accelerate accepts this and silently trains in fp32.
-        raise UsageError("--mixed_precision fp16 needs a GPU; on the CPU use bf16 or no")
-    if cpu and cfg.mixed_precision is None and launcher != "no":
-        print0(accelerator, f"note: the launcher asks for {launcher}; on the CPU this run "
-                            "trains in fp32 (--mixed_precision bf16 insists)")
-    cores, local = cpu_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if accelerator.device.type == "cpu" and local > cores:
-        print0(accelerator, f"warning: {local} processes on {cores} CPU cores and no GPU: each "
-                            "process gets a fraction of a core. Use `python train.py`, or "
-                            f"`accelerate launch --num_processes {cores} ...`")
-    if cfg.threads:
-        if cfg.threads > cores:
-            print0(accelerator, f"note: --threads {cfg.threads} capped at {cores} (CPU cores)")
-        torch.set_num_threads(min(cfg.threads, cores))
-    # accelerate 1.15 asks two questions on every step whose answers cannot change during a
-    # run: is the optional lomo_optim package installed (twice per optimizer.step(), ~0.3 ms
-    # on a CPU) and does optimizer.zero_grad take set_to_none (inspect.signature, ~0.1 ms).
-    # Next to a 6 ms digits step that is 6%; remember the answers.
-    accelerate_optimizer = accelerate.optimizer
-    if not hasattr(accelerate_optimizer.is_lomo_available, "cache_info"):
-        accelerate_optimizer.is_lomo_available = functools.cache(
-            accelerate_optimizer.is_lomo_available)
-        accelerate_optimizer.inspect = types.SimpleNamespace(
-            signature=functools.lru_cache(maxsize=4)(inspect.signature))
-    return accelerator
+        accelerate.utils.set_seed(cfg.seed)
+        model = build_model(run.data.meta, run.cfg.batch_size)
+        if start is not None:
+            print0(acc, load_start(run.cfg, model, start))
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        run.model, run.optimizer = acc.prepare(model, make_optimizer(run.cfg, model))
+        run.ema = make_ema(run.cfg, acc.unwrap_model(run.model))
+        if resume is not None:
+            load_checkpoint(run, resume)
+        write_config(run, resume)
+        run.log = MetricsLog(acc, run.dir, run.state if resume is not None else None)
+        if cfg.report_to != "none":
+            acc.init_trackers(cfg.report_to if cfg.report_to != "all" else "train",
+                              config=tracker_config(run.cfg))
+        startup = time.perf_counter() - run.t_start  # imports, data, model, resume
+        try:
+            stop_at_start(run)
+            train(run)
+            write_results(run, startup, resume)
+        finally:
+            acc.end_training()  # trackers closed, process group destroyed
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def load_checkpoint(run: Run, resume: Path) -> None:
+    """The loop state, Accelerate's state and the EMA of a checkpoint that verified."""
+    state = loop_state(read_json(resume / "loop_state.json")["loop"], resume)
+    check_loop_state(state, len(run.data.train), run.cfg.gradient_accumulation_steps, resume)
+    try:
+        run.accelerator.load_state(str(resume))
+    except Exception as e:  # a forged optimizer.bin: UnpicklingError, ...
+        raise Exit(f"checkpoint {resume} does not load ({first_line(e)}): damaged or edited; "
+                   "--resume another checkpoint") from None
+    if run.ema is not None:
+        load_ema(run.ema, resume)
+    run.state = state
+    print0(run.accelerator, f"resumed from {resume} (epoch {state.epoch + 1}, batch "
+                            f"{state.batch}, step {state.step})")
+    note_changes(run)
+
+
+def write_results(run: Run, startup: float, resume: Path | None) -> None:
+    acc, state, cfg = run.accelerator, run.state, run.cfg
+    rss, dev = peak_memory_mb(acc)
+    wall_time = time.perf_counter() - run.t_start
+    images = cfg.epochs * len(run.data.train) * cfg.batch_size * acc.num_processes
+    results = {**state.last_metrics, "steps": state.step, "epochs": cfg.epochs,
+               "wall_time_s": round(wall_time, 3), "startup_s": round(startup, 3),
+               "train_time_s": round(state.train_time_s, 3),
+               "images_per_s": round(images / state.train_time_s, 1),
+               "images_per_s_per_process": round(
+                   images / state.train_time_s / acc.num_processes, 1),
+               "peak_rss_mb": rss, "peak_device_mb": dev, "num_processes": acc.num_processes,
+               "best_val_acc": state.best_val_acc, "skipped_steps": state.skipped_steps,
+               "data_mode": cfg.data_mode, "resumed_from": str(resume) if resume else None}
+    if acc.is_main_process:
+        save_weights(acc.unwrap_model(run.model), run.dir / "model.safetensors", run.data.meta)
+        if run.ema is not None:
+            save_weights(run.ema.module, run.dir / "model_ema.safetensors", run.data.meta)
+        write_json(run.dir / "results.json", results)
+    print0(acc, f"done: val acc {results['val_acc']:.2%}, {state.step} steps, {wall_time:.1f}s "
+                f"(whole process, imports included); wrote {run.dir}")
+
+
+def evaluate_only(run: Run) -> None:
+    """--eval_only: the weights on the split they were validated on, or on other data."""
+    acc, cfg = run.accelerator, run.asked
+    model, meta = trained_model(cfg)
+    refuse_to_replace(run.dir / "results.json", cfg)
+    with acc.main_process_first():
+        split, image_col, label_col, what, part = load_eval_split(run, meta)
+    mode = pick_mode(run, [(split, False, part)], meta, image_col, label_col)
+    loader = make_loader(run, Source(split, image_col, label_col, part), meta, mode,
+                         eval_batch(meta, cfg.batch_size), None)
+    metrics = evaluate(acc, acc.prepare(model), loader, meta, cfg.channels_last)
+    results = {**metrics, "weights": str(cfg.weights), "evaluated": what,
+               "num_processes": acc.num_processes,
+               "wall_time_s": round(time.perf_counter() - run.t_start, 3)}
+    if acc.is_main_process:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        write_json(run.dir / "results.json", results)
+    print0(acc, f"eval: {what}, {metrics['val_count']} images: loss {metrics['val_loss']:.4f} "
+                f"acc {metrics['val_acc']:.2%}; wrote {run.dir / 'results.json'}")
+    acc.end_training()
+
+
+def predict(run: Run) -> None:
+    """predictions.csv: each image under --predict once (the processes take every n-th file),
+    decoded and normalized as the weights' run did, with its top classes and probabilities."""
+    acc, cfg = run.accelerator, run.asked
+    model, meta = trained_model(cfg)
+    root = Path(cfg.predict).expanduser()
+    files = [root] if root.is_file() else sorted(
+        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in image_extensions()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise Exit(f"--predict {cfg.predict}: no image files there")
+    refuse_to_replace(run.dir / "predictions.csv", cfg)
+    mine = files[acc.process_index::acc.num_processes]
+    split = datasets.Dataset.from_dict({"image": [str(f) for f in mine], "label": [0] * len(mine)},
+                                       features=datasets.Features({
+                                           "image": datasets.Image(decode=False),
+                                           "label": datasets.Value("int64")}))
+    loader = torch.utils.data.DataLoader(
+        Decoded(split, "image", "label", pil_mode(meta), *stored(meta, train=False)),
+        batch_size=eval_batch(meta, cfg.batch_size), num_workers=worker_count(cfg),
+        worker_init_fn=ignore_stop_signals)
+    k, rows = min(5, meta["num_classes"]), []
+    for logits, _ in inferred(model.to(acc.device), loader, meta, acc.device, cfg.channels_last):
+        probs, classes = logits.softmax(1).topk(k, 1)
+        for p, c in zip(probs.tolist(), classes.tolist()):
+            name = mine[len(rows)]
+            rows.append([str(name.relative_to(root)) if name != root else name.name,
+                         *[v for i, q in zip(c, p) for v in (meta["class_names"][i], f"{q:.6f}")]])
+    rows = accelerate.utils.gather_object(rows)
+    if acc.is_main_process:
+        import csv
+        run.dir.mkdir(parents=True, exist_ok=True)
+        with open(run.dir / "predictions.csv", "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["file"] + [f"{w}_{i}" for i in range(1, k + 1)
+                                     for w in ("label", "probability")])
+            out.writerows([[spreadsheet_safe(v) for v in row] for row in sorted(rows)])
+    print0(acc, f"predicted {len(rows)} images; wrote {run.dir / 'predictions.csv'}")
+    acc.end_training()
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """A file or class name a spreadsheet would run as a formula gets a leading quote."""
+    return "'" + cell if cell.startswith(("=", "+", "-", "@", "\t", "\r")) else cell
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def inferred(model, loader, meta: dict, device, channels_last: bool):
+    """(float logits, labels) per batch of uint8 images, in eval mode without gradients: the one
+    inference path of evaluation and --predict."""
+    model.eval()
+    norm = normalizer(meta, device)
+    for images, labels in loader:
+        with torch.no_grad():
+            yield model(to_input(images.to(device), norm, channels_last)).float(), labels
+
+
+def evaluate(accelerator, model, loader, meta: dict, channels_last: bool) -> dict:
+    """Exact over processes: per-sample values gathered on every batch (which drops the
+    padding duplicates of the last batches), summed, divided by the true count. Loss,
+    accuracy, top-5 accuracy (more than 5 classes), per-class accuracy and the confusion
+    matrix (rows: true class, columns: predicted; up to 100 classes)."""
+    k, device = meta["num_classes"], accelerator.device
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    per_class = torch.zeros(2, k, dtype=torch.int64, device=device)  # seen, hit
+    confusion = torch.zeros(k * k if k <= 100 else 0, dtype=torch.int64, device=device)
+    for logits, labels in inferred(model, loader, meta, device, channels_last):
+        losses = F.cross_entropy(logits, labels, reduction="none")
+        top5 = (logits.topk(min(5, k), 1).indices == labels[:, None]).any(1)
+        losses, preds, labels, top5 = accelerator.gather_for_metrics(
+            (losses, logits.argmax(1), labels, top5))
+        totals += torch.stack([losses.double().sum(), (preds == labels).double().sum(),
+                               top5.double().sum(), torch.tensor(
+                                   losses.numel(), dtype=torch.float64, device=device)])
+        per_class += torch.stack([torch.bincount(labels, minlength=k),
+                                  torch.bincount(labels[preds == labels], minlength=k)])
+        if len(confusion):
+            confusion += torch.bincount(labels * k + preds, minlength=k * k)
+    loss_sum, correct, top5, count = totals.tolist()
+    seen, hit = per_class.tolist()
+    metrics = {"val_loss": loss_sum / count, "val_acc": correct / count, "val_count": int(count),
+               **({"val_top5_acc": top5 / count} if k > 5 else {}),
+               "val_per_class_acc": {name: h / n if n else None
+                                     for name, n, h in zip(meta["class_names"], seen, hit)}}
+    if len(confusion):
+        metrics["val_confusion_matrix"] = confusion.view(k, k).tolist()
+    return metrics
+
+
+def precise_bn(run: Run, model) -> None:
+    """Recompute BatchNorm's running statistics for the current weights (torch's update_bn)
+    from up to --precise_bn training images, averaged over processes. The running averages
+    trail the weights: after 16 steps eval mode still predicted one class."""
+    acc, cfg, data = run.accelerator, run.cfg, run.data
+    net = acc.unwrap_model(model)
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or not cfg.precise_bn:
+        return
+    dataset, ranks = data.train.dataset, acc.num_processes
+    picked = epoch_permutation(len(dataset), cfg.seed, run.state.epoch)[:cfg.precise_bn]
+    mine = picked[acc.process_index::ranks][:len(picked) // ranks].tolist()
+    loader = torch.utils.data.DataLoader(  # full batches: BatchNorm cannot take one image
+        torch.utils.data.Subset(dataset, mine), batch_size=cfg.batch_size,
+        drop_last=len(mine) >= cfg.batch_size,
+        collate_fn=None if isinstance(dataset, Decoded) else as_is,
+        num_workers=cfg.num_workers if isinstance(dataset, Decoded) else 0,
+        worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(cfg.seed))
+    norm = normalizer(data.meta, acc.device)
+    with torch.no_grad():
+        size = data.meta["image_size"]  # the photo recipe stores more: take the eval view
+        torch.optim.swa_utils.update_bn(
+            (to_input(TF.center_crop(images.to(acc.device), size), norm, cfg.channels_last)
+             for images, _ in loader), net)
+        stats = torch.cat([t for m in norms for t in (m.running_mean, m.running_var)])
+        stats = acc.reduce(stats, "mean")  # every process evaluates the same model
+        for m in norms:
+            n = m.num_features
+            m.running_mean.copy_(stats[:n])
+            m.running_var.copy_(stats[n:2 * n])
+            stats = stats[2 * n:]
+
+
+def peak_memory_mb(accelerator) -> tuple[float, float]:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    dev = torch.cuda.max_memory_allocated() / 2**20 if accelerator.device.type == "cuda" else 0.0
+    peaks = accelerator.reduce(torch.tensor([rss, dev], device=accelerator.device), "max")
+    return tuple(round(v, 1) for v in peaks.tolist())
+
+
+def eval_batch(meta: dict, asked: int = 0) -> int:
+    """--eval_only / --predict batch: --batch_size, else 64 images, fewer where they are so
+    large (the weights' metadata says how large) that 64 would take gigabytes."""
+    h, w = meta["image_size"]
+    return asked or max(1, min(64, EVAL_PIXELS // (h * w)))
+
+
+# ----------------------------------------------------------------------------- model
+
+def conv_block(cin: int, cout: int) -> list:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True)]
+
+
+def cnn(channels: int, num_classes: int, image_size: int):
+    """Conv-BN-ReLU blocks that double the width and halve the resolution down to 4 px, a last
+    block, global average pooling and a linear head: 99% on 8x8 digits in about a second."""
+    width, size, layers = 16, image_size, conv_block(channels, 16)
+    while size > 4:
+        layers += conv_block(width, min(2 * width, 256)) + [nn.MaxPool2d(2)]
+        width, size = min(2 * width, 256), size // 2
+    layers += conv_block(width, min(2 * width, 256))
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(min(2 * width, 256), num_classes))
+
+
+def check_model_name(name: str) -> None:
+    known = torchvision.models.list_models(module=torchvision.models)
+    if name != "cnn" and name not in known:
+        close = difflib.get_close_matches(name, known + ["cnn"], n=3)
+        raise Exit(f"--model {name}: not 'cnn' or a torchvision classifier"
+                   + (f"; did you mean {', '.join(close)}?" if close else ""))
+
+
+def build_model(meta: dict, batch_size: int = 2, probe: bool = True):
+    """The model the metadata describes; `probe`: refuse, in one line, an image size or a
+    batch of 1 that it cannot take, before training starts."""
+    name = meta["model"]
+    if name == "cnn":
+        return cnn(meta["channels"], meta["num_classes"], min(meta["image_size"]))
+    check_model_name(name)
+    # Auxiliary heads would make the training forward return a tuple instead of logits.
+    extra = {"aux_logits": False} if name in ("googlenet", "inception_v3") else {}
+    model = torchvision.models.get_model(name, weights=None, num_classes=meta["num_classes"],
+                                         **extra)
+    if not probe:
+        return model
+    shape = f"{meta['channels']}x{meta['image_size'][0]}x{meta['image_size'][1]}"
+    try:  # e.g. inception_v3 needs 75 px or more
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, meta["channels"], *meta["image_size"]))
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise Exit(f"--model {name} cannot take {shape} images ({first_line(e)}); choose "
+                   "another --image_size") from None
+    if batch_size == 1:  # BatchNorm cannot normalize one value per channel
+        try:
+            with torch.no_grad():
+                torchvision.models.get_model(name, num_classes=meta["num_classes"], **extra
+                                             ).train()(torch.zeros(1, meta["channels"],
+                                                                   *meta["image_size"]))
+        except ValueError as e:
+            raise Exit(f"--batch_size 1 is too small for --model {name} at {shape} "
+                       f"({first_line(e)}); use --batch_size 2 or more") from None
+    return model.train()
+
+
+def head_names(model) -> set[str]:
+    """The classifier head: the parameters of the last linear layer (resnet's fc, vit's
+    heads.head, efficientnet's classifier.1, the cnn's last layer)."""
+    last = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    return {f"{last}.{p}" for p, _ in model.get_submodule(last).named_parameters()}
+
+
+def make_optimizer(cfg: Config, model):
+    """Two parameter groups, backbone and head; each carries an `lr_scale` that the loop
+    applies to lr_at(step). --freeze_backbone leaves the backbone out (and frozen)."""
+    head = head_names(model)
+    groups = [{"params": [p for n, p in model.named_parameters() if n in head],
+               "lr_scale": cfg.head_lr_scale}]
+    if not cfg.freeze_backbone:
+        groups.insert(0, {"params": [p for n, p in model.named_parameters() if n not in head],
+                          "lr_scale": 1.0})
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in head or not cfg.freeze_backbone)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
+
+
+def lr_at(step: int, total: int, cfg: Config) -> float:
+    """Learning rate of optimizer step `step` (0-based) out of `total`. Computed, not stepped:
+    a scheduler passed through accelerate.prepare() steps once per process."""
+    warmup = cfg.warmup_steps or (total // 4 if cfg.schedule == "onecycle" else 0)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "onecycle":
+        return cfg.lr * (1 - progress)
+    return cfg.lr
+
+
+def make_ema(cfg: Config, model):
+    """torch's AveragedModel with an EMA update, BatchNorm buffers averaged too; the same on
+    every process (it averages the synchronized weights)."""
+    if not cfg.ema_decay:
+        return None
+    swa = torch.optim.swa_utils
+    return swa.AveragedModel(model, multi_avg_fn=swa.get_ema_multi_avg_fn(cfg.ema_decay),
+                             use_buffers=True)
+
+
+def load_ema(ema, checkpoint: Path) -> None:
+    if not (checkpoint / "ema.safetensors").exists():
+        raise Exit(f"checkpoint {checkpoint} holds no EMA (it was written without "
+                   "--ema_decay): resume without it, or start over")
+    state = safetensors.torch.load_file(str(checkpoint / "ema.safetensors"))
+    ema.load_state_dict({k: v.to(ema.n_averaged.device) for k, v in state.items()})
+
+
+def pretrained_weights(cfg: Config):
+    """torchvision's weights enum member for --model/--pretrained, or a one-line refusal."""
+    enum = torchvision.models.get_model_weights(cfg.model)
+    try:
+        return enum[cfg.pretrained] if cfg.pretrained != "DEFAULT" else enum.DEFAULT
+    except (KeyError, AttributeError):
+        raise Exit(f"--pretrained {cfg.pretrained}: --model {cfg.model} has weights "
+                   f"{listing(w.name for w in enum)} (or DEFAULT)") from None
+
+
+def starting_state(cfg: Config) -> tuple[dict, str]:
+    """The tensors to start from (--pretrained or --init_from) and where they came from."""
+    if cfg.pretrained:
+        return pretrained_state(pretrained_weights(cfg))
+    path = Path(cfg.init_from)
+    if path.is_dir() or path.suffix == ".safetensors":
+        return read_weights(str(path), "--init_from")[0], str(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError("not a state dict of tensors")
+        return state, str(path)
+    except Exception as e:
+        raise Exit(f"--init_from {path}: not a run directory, model.safetensors or state dict "
+                   f"({first_line(e)})") from None
+
+
+def load_start(cfg: Config, model, start: tuple[dict, str]) -> str:
+    """Load the tensors of --pretrained / --init_from that fit the model; a head of another
+    class count (or anything else that does not fit) keeps its fresh initialisation."""
+    state, source = start
+    own = model.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    new = [k for k in own if k not in fits]
+    if len(fits) < len(own) / 2:
+        raise Exit(f"{source}: only {len(fits)} of {len(own)} tensors fit --model {cfg.model}: "
+                   "weights of another architecture?")
+    model.load_state_dict(fits, strict=False)
+    return (f"start: {len(fits)} of {len(own)} tensors from {source}"
+            + (f"; new: {listing(new, 4)}" if new else "")
+            + ("; backbone frozen" if cfg.freeze_backbone else ""))
+
+
+def mixer(cfg: Config, num_classes: int):
+    """torchvision's batch MixUp / CutMix (random draws from torch's RNG, which checkpoints
+    keep), or None. They turn the labels into class probabilities for the cross-entropy."""
+    from torchvision.transforms import v2
+    mixes = [mix(alpha=alpha, num_classes=num_classes)
+             for mix, alpha in ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix)) if alpha]
+    return None if not mixes else mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+
+@functools.cache
+def crop_indices(h: int, w: int, padding: int, device):
+    """Flat indices into a zero-padded image: the unshifted h x w window, the same mirrored,
+    and the (2p+1)^2 offsets of the shifted windows."""
+    wide = w + 2 * padding
+    rows = torch.arange(h, device=device).view(h, 1) * wide
+    cols = torch.arange(w, device=device)
+    shifts = torch.arange(2 * padding + 1, device=device)
+    return ((rows + cols).flatten(), (rows + cols.flip(0)).flatten(),
+            (shifts.view(-1, 1) * wide + shifts).flatten())
+
+
+def augment(images, padding: int, hflip: bool, gen):
+    """Random crop with zero padding and random horizontal flip, per image, on the device: both
+    are one gather from the padded batch. On a CPU every op counts (~30 us each next to a small
+    model's step), so the indices are cached and the random draws index them."""
+    n, c, h, w = images.shape
+    if not (padding or hflip):
+        return images
+    plain, mirrored, offsets = crop_indices(h, w, padding, images.device)
+    window = plain
+    if hflip:
+        flip = torch.rand(n, 1, generator=gen, device=images.device) < 0.5
+        window = torch.where(flip, mirrored, plain)
+    pick = torch.randint(0, len(offsets), (n, 1), generator=gen, device=images.device)
+    index = window + offsets[pick]  # n x (h * w)
+    padded = F.pad(images, (padding,) * 4).flatten(2)
+    return padded.gather(2, index.unsqueeze(1).expand(n, c, h * w)).view(n, c, h, w)
+
+
+def resized_crop(images, size: list[int], min_scale: float, hflip: bool, gen,
+                 max_ratio: float = 4 / 3):
+    """The photo recipe's training crop: torchvision's RandomResizedCrop (area min_scale..1 of
+    the image, aspect ratio 1/max_ratio..max_ratio drawn log-uniformly; a box wider than the
+    image is clipped to it where torchvision draws again) and a horizontal flip, for the whole
+    batch on the device: one roi_align (bilinear, 2x2 samples per output pixel), each image
+    its own box. Returns float pixels, 0-255."""
+    n, _, t, s = images.shape
+    u = torch.rand(n, 5, generator=gen, device=images.device)
+    area = (min_scale + (1 - min_scale) * u[:, 0]) * t * s
+    ratio = torch.exp(math.log(max_ratio) * (2 * u[:, 1] - 1))
+    w, h = (area * ratio).sqrt().clamp(max=s), (area / ratio).sqrt().clamp(max=t)
+    x0, y0 = u[:, 2] * (s - w), u[:, 3] * (t - h)
+    boxes = torch.stack([torch.arange(n, device=images.device, dtype=torch.float), x0, y0,
+                         x0 + w, y0 + h], 1)
+    out = torchvision.ops.roi_align(images.float(), boxes, list(size), 1.0, 2, aligned=True)
+    if hflip:
+        out = torch.where((u[:, 4] < 0.5).view(n, 1, 1, 1), out.flip(3), out)
+    return out
+
+
+def augment_batch(images, meta: dict, gen):
+    """The training recipe's augmentation of a uint8 batch on the device (see --recipe)."""
+    if meta["recipe"] == "photo":
+        return resized_crop(images, meta["image_size"], meta["crop_scale"], meta["hflip"], gen,
+                            meta["crop_ratio"])
+    return augment(images, meta["crop_padding"], meta["hflip"], gen)
+
+
+def normalizer(meta: dict, device):
+    """(scale, shift) with (x / 255 - mean) / std == x * scale - shift, made once per loop."""
+    mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
+    return 1 / (255 * std), mean / std
+
+
+def to_input(images, norm, channels_last: bool):
+    """uint8 images -> normalized float input."""
+    x = images.float().mul_(norm[0]).sub_(norm[1])
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 # ----------------------------------------------------------------------------- data
@@ -506,6 +886,11 @@ COLOUR_MODES = {"RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "P
 WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}  # > 8 bits: scaled (PIL's convert clips)
 VAL_SPLITS = ("validation", "valid", "val", "test")
 PROBE_IMAGES = 512  # images whose headers decide colour and size: spread over the whole split
+SPLIT_DIRS = {"train": "train", "training": "train", "validation": "validation",
+              "valid": "validation", "val": "validation", "dev": "validation", "test": "test",
+              "testing": "test"}
+DATA_FILES = (".parquet", ".arrow", ".csv", ".tsv", ".json", ".jsonl")  # a Hub download
+READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError)  # PIL's ways of saying "not an image"
 
 
 def digits_dataset():
@@ -520,48 +905,6 @@ def digits_dataset():
         features=features)
 
 
-def looks_like_hub_id(name: str) -> bool:
-    return (name != "digits" and not Path(name).expanduser().exists()
-            and not name.startswith((".", "/", "~")) and name.count("/") <= 1)
-
-
-def hub_access(dataset: str) -> str | None:
-    """For a Hub id, before `datasets` is imported: 'offline' (HF_HUB_OFFLINE set), 'online',
-    or 'unreachable', which sets HF_HUB_OFFLINE=1 so that a cached copy loads at once and a
-    missing one fails at once, instead of after ~28 s of retries."""
-    if not looks_like_hub_id(dataset):
-        return None
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        return "offline"
-    if reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co")):
-        return "online"
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    return "unreachable"
-
-
-def reachable(url: str) -> bool:
-    """Whether url's host answers within ~3 s (a stuck DNS lookup included)."""
-    host = urllib.parse.urlparse(url)
-    reached: list[bool] = []
-
-    def connect() -> None:
-        try:
-            socket.create_connection((host.hostname, host.port or 443), timeout=3).close()
-            reached.append(True)
-        except OSError:
-            pass
-    probe = threading.Thread(target=connect, daemon=True)
-    probe.start()
-    probe.join(3.5)
-    return bool(reached)
-
-
-SPLIT_DIRS = {"train": "train", "training": "train", "validation": "validation",
-              "valid": "validation", "val": "validation", "dev": "validation", "test": "test",
-              "testing": "test"}
-DATA_FILES = (".parquet", ".arrow", ".csv", ".tsv", ".json", ".jsonl")  # a Hub download
-
-
 @functools.cache
 def image_extensions() -> frozenset[str]:
     """The file endings PIL can open (.jpg, .png, .tif, ...)."""
@@ -569,14 +912,10 @@ def image_extensions() -> frozenset[str]:
                      if fmt in PIL.Image.OPEN)
 
 
-def image_folder(root: Path):
-    """A folder of class subfolders (optionally inside train/, validation/, test/), read with
-    one directory walk. An image's class is its top-level folder however deep it lies, as in
-    torchvision's ImageFolder; datasets' imagefolder names it after the innermost folder, so
-    cats/2019/a.jpg and dogs/2019/b.jpg would both be class '2019'. Returns None for a folder
-    that holds data files or metadata (a Hub download): datasets reads those."""
-    images = image_extensions()
-    found, skipped, files = [], 0, hashlib.sha256()
+def walk_images(root: Path) -> tuple[list[tuple], int, str] | None:
+    """Every image under root as its path parts, the count of other files, and a digest of the
+    files' names, sizes and times; None for a folder of data files (a Hub download)."""
+    images, found, skipped, files = image_extensions(), [], 0, hashlib.sha256()
     for folder, subfolders, names in os.walk(root, followlinks=True):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith((".", "__")))
         inside = Path(folder).relative_to(root).parts
@@ -588,21 +927,32 @@ def image_folder(root: Path):
                 skipped += 1
                 continue
             found.append((*inside, name))
-            stat = os.stat(os.path.join(folder, name))
-            files.update(f"{found[-1]}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            info = os.stat(os.path.join(folder, name))
+            files.update(f"{found[-1]}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
     if not found:
-        raise UsageError(f"--dataset {root}: no image files in it ({skipped} other files)")
+        raise Exit(f"--dataset {root}: no image files in it ({skipped} other files)")
+    return found, skipped, files.hexdigest()
+
+
+def image_folder(root: Path):
+    """A folder of class subfolders (optionally inside train/, validation/, test/). An image's
+    class is its top-level folder however deep it lies, as in torchvision's ImageFolder;
+    datasets' imagefolder names it after the innermost folder, so cats/2019/a.jpg and
+    dogs/2019/b.jpg would both be class '2019'. None for a Hub download: datasets reads it."""
+    walked = walk_images(root)
+    if walked is None:
+        return None
+    found, skipped, digest = walked
     split_layout = all(len(p) > 2 and p[0].lower() in SPLIT_DIRS for p in found)
     loose = [Path(*p) for p in found if len(p) < (3 if split_layout else 2)]
     if loose:
-        raise UsageError(f"{len(loose)} image(s) in {root} outside any class folder (e.g. "
-                         f"{loose[0]}); put each image in a folder named after its class")
+        raise Exit(f"{len(loose)} image(s) in {root} outside any class folder (e.g. {loose[0]}); "
+                   "put each image in a folder named after its class")
     if split_layout:  # a split folder without images would be silently replaced
         empty = [d.name for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLIT_DIRS
                  and not any(p[0] == d.name for p in found)]
         if empty:
-            raise UsageError(f"{root / empty[0]} holds no images; add images to it or remove "
-                             "it")
+            raise Exit(f"{root / empty[0]} holds no images; add images to it or remove it")
     rows: dict[str, list] = {}
     real = root.resolve()  # one spelling of the paths: one fingerprint, one decoded cache
     for parts in found:
@@ -611,8 +961,8 @@ def image_folder(root: Path):
                                            parts[1] if split_layout else parts[0]))
     classes = sorted({c for split in rows.values() for _, c in split})
     if len(classes) < 2:
-        raise UsageError(f"{root} has one class folder ({classes[0]}); --dataset must be the "
-                         "folder whose subfolders are the classes")
+        raise Exit(f"{root} has one class folder ({classes[0]}); --dataset must be the folder "
+                   "whose subfolders are the classes")
     features = datasets.Features({"image": datasets.Image(),
                                   "label": datasets.ClassLabel(names=classes)})
     note = (f"folder: {len(found)} images in {len(classes)} classes ({listing(classes)})"
@@ -621,7 +971,7 @@ def image_folder(root: Path):
     # datasets fingerprints an in-memory dataset by its contents, here paths and labels; the
     # files' sizes and times in its description make an edited image a new dataset, so that
     # --data_mode cache (keyed by the fingerprint) decodes it again.
-    about = f"image folder {real}; files {files.hexdigest()}"
+    about = f"image folder {real}; files {digest}"
     return datasets.DatasetDict({split: datasets.Dataset.from_dict(
         {"image": [p for p, _ in items], "label": [classes.index(c) for _, c in items]},
         features=features, info=datasets.DatasetInfo(description=about, features=features))
@@ -629,38 +979,34 @@ def image_folder(root: Path):
 
 
 def load_source(cfg: Config, hub: str | None):
-    """A Dataset or DatasetDict for --dataset and a line about it, or a one-line UsageError."""
+    """A Dataset or DatasetDict for --dataset and a line about it, or a one-line Exit."""
     if cfg.dataset == "digits":
         return digits_dataset(), ""
     path = Path(cfg.dataset).expanduser()
     if path.is_file():
-        raise UsageError(f"--dataset {cfg.dataset} is a file; pass a folder of class subfolders, "
-                         "a save_to_disk directory, a Hub id or 'digits'")
+        raise Exit(f"--dataset {cfg.dataset} is a file; pass a folder of class subfolders, a "
+                   "save_to_disk directory, a Hub id or 'digits'")
+    saved = any((path / f).exists() for f in ("dataset_dict.json", "state.json"))
+    if path.is_dir() and not saved and (folder := image_folder(path)) is not None:
+        return folder
     if path.is_dir():
-        if not any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
-            folder = image_folder(path)
-            if folder is not None:
-                return folder
-        try:
-            if any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
-                return datasets.load_from_disk(str(path)), ""
-            # A Hub download (dataset card + parquet/csv/json files): datasets picks the builder.
-            return datasets.load_dataset(str(path)), ""
+        try:  # a save_to_disk directory, or a Hub download (dataset card + data files)
+            return (datasets.load_from_disk(str(path)) if saved
+                    else datasets.load_dataset(str(path))), ""
         except Exception as e:  # an empty split, a damaged file, ...
-            raise UsageError(f"cannot load {cfg.dataset}: {first_line(e)}") from None
+            raise Exit(f"cannot load {cfg.dataset}: {first_line(e)}") from None
     if hub is None:
-        raise UsageError(f"--dataset {cfg.dataset}: no such directory")
+        raise Exit(f"--dataset {cfg.dataset}: no such directory")
     try:
         return datasets.load_dataset(cfg.dataset, cfg.dataset_config, revision=cfg.revision), ""
     except Exception as e:  # DatasetNotFoundError, bad config name, gated repo, offline, ...
         if hub == "online":
-            raise UsageError(f"cannot load --dataset {cfg.dataset}: {first_line(e)}") from None
+            raise Exit(f"cannot load --dataset {cfg.dataset}: {first_line(e)}") from None
         why = ("the Hugging Face Hub cannot be reached from here" if hub == "unreachable" else
                "HF_HUB_OFFLINE=1 is set, so nothing is downloaded (unset it to download)")
-        raise UsageError(f"--dataset {cfg.dataset}: no local folder of that name, not in the "
-                         f"local Hub cache, and {why}; or save "
-                         "it where there is network (load_dataset(...).save_to_disk(DIR)) and "
-                         "pass --dataset DIR") from None
+        raise Exit(f"--dataset {cfg.dataset}: no local folder of that name, not in the local "
+                   f"Hub cache, and {why}; or save it where there is network "
+                   "(load_dataset(...).save_to_disk(DIR)) and pass --dataset DIR") from None
 
 
 def describe(feature) -> str:
@@ -679,30 +1025,28 @@ def find_columns(split, image_column: str | None, label_column: str | None
     labels = [n for n, f in features.items() if isinstance(f, datasets.ClassLabel)]
     for flag, wanted in (("--image_column", image_column), ("--label_column", label_column)):
         if wanted is not None and wanted not in features:
-            raise UsageError(f"{flag} {wanted}: no such column; the columns are "
-                             f"{listing(features)}")
+            raise Exit(f"{flag} {wanted}: no such column; the columns are {listing(features)}")
     if image_column is None:
         if not images:
-            raise UsageError(f"no Image column among {listing(features)}; name it with "
-                             "--image_column NAME")
+            raise Exit(f"no Image column among {listing(features)}; name it with "
+                       "--image_column NAME")
         image_column = "image" if "image" in images else images[0]
     elif not (image_column in images or getattr(features[image_column], "dtype", "") in (
             "string", "large_string", "binary", "large_binary")):  # paths or encoded bytes
-        raise UsageError(f"--image_column {image_column} holds "
-                         f"{describe(features[image_column])}, not images; image columns: "
-                         f"{listing(images) or 'none'}")
+        raise Exit(f"--image_column {image_column} holds {describe(features[image_column])}, "
+                   f"not images; image columns: {listing(images) or 'none'}")
     if label_column is None:
         plain = "label" in features and getattr(features["label"], "dtype", "") != ""
         if not labels and not plain:
-            raise UsageError(f"no ClassLabel column among {listing(features)}; name it with "
-                             "--label_column NAME")
+            raise Exit(f"no ClassLabel column among {listing(features)}; name it with "
+                       "--label_column NAME")
         label_column = "label" if "label" in labels or not labels else labels[0]
     feature = features[label_column]
     kind = getattr(feature, "dtype", "")
     if not (isinstance(feature, datasets.ClassLabel) or kind.startswith(("int", "uint"))
             or kind in ("string", "large_string")) or label_column == image_column:
-        raise UsageError(f"--label_column {label_column} holds {describe(feature)}, not class "
-                         f"labels; label columns: {listing(labels) or 'none'}")
+        raise Exit(f"--label_column {label_column} holds {describe(feature)}, not class labels; "
+                   f"label columns: {listing(labels) or 'none'}")
     others = [n for n in labels if n != label_column]
     note = f'columns: image column "{image_column}", label column "{label_column}"'
     if others:
@@ -723,6 +1067,15 @@ class Splits:
     #                                                  when val was held out of it
 
 
+@dataclass
+class Source:
+    """One split to load, and for the decoded cache (part_of) the data it is a part of."""
+    split: object
+    image_col: str
+    label_col: str
+    part: tuple | None = None
+
+
 def part_of(s: Splits, meta: dict, train: bool) -> tuple | None:
     """For the decoded cache: (the data a held-out split is part of, its rows there). Both
     splits then read one cache of all the training data, reused for every --seed and
@@ -733,16 +1086,9 @@ def part_of(s: Splits, meta: dict, train: bool) -> tuple | None:
     return s.source_train, s.rows[0 if train else 1]
 
 
-def labels_of(split, label_col: str):
-    """A label column as one array. (np.asarray(split[col]) formats it row by row, and the
-    numpy format element by element: 1.5 s and 0.3 s for 40,000 rows, at every start.)"""
-    return np.asarray(split.select_columns([label_col])[:][label_col])
-
-
 def label_counts(labels, classes: int):
     if len(labels) and labels.min() < 0:
-        raise UsageError(f"{int((labels < 0).sum())} images have no label (-1); use labelled "
-                         "data")
+        raise Exit(f"{int((labels < 0).sum())} images have no label (-1); use labelled data")
     return np.bincount(labels, minlength=classes)
 
 
@@ -750,19 +1096,19 @@ def load_splits(cfg: Config, hub: str | None) -> Splits:
     """Train and validation splits with an image column (undecoded) and a ClassLabel column
     whose classes mean the same in both."""
     source, folder_note = load_source(cfg, hub)
+    val = None
     if isinstance(source, datasets.DatasetDict):
         if not source:
-            raise UsageError(f"--dataset {cfg.dataset} has no splits")
+            raise Exit(f"--dataset {cfg.dataset} has no splits")
         train_name = "train" if "train" in source else next(iter(source))
-        train = source[train_name]
         val = next((source[s] for s in VAL_SPLITS if s in source and s != train_name), None)
-    else:
-        train, val = source, None
+        source = source[train_name]
+    train = source
     image_col, label_col, note = find_columns(train, cfg.image_column, cfg.label_column)
     if len(train) == 0 or (val is not None and len(val) == 0):
-        raise UsageError(f"--dataset {cfg.dataset} has an empty split; add images to it")
+        raise Exit(f"--dataset {cfg.dataset} has an empty split; add images to it")
     if val is not None and not {image_col, label_col} <= set(val.features):
-        raise UsageError(f"the validation split lacks column {image_col} or {label_col}")
+        raise Exit(f"the validation split lacks column {image_col} or {label_col}")
     if not isinstance(train.features[label_col], datasets.ClassLabel):
         both = datasets.DatasetDict({"train": train, **({"val": val} if val else {})})
         both = both.class_encode_column(label_col)  # one mapping for every split
@@ -772,8 +1118,7 @@ def load_splits(cfg: Config, hub: str | None) -> Splits:
         val = align_classes(val, label_col, classes.names, "the training classes")
     train = train.cast_column(image_col, datasets.Image(decode=False))
     labels = labels_of(train, label_col)  # read once: counted, then stratified
-    source_train, seen = train, label_counts(labels, classes.num_classes)
-    rows = None
+    source_train, seen, rows = train, label_counts(labels, classes.num_classes), None
     if val is None:
         rows = hold_out(labels, classes, cfg.val_fraction, cfg.seed)
         train, val = train.select(rows[0]), train.select(rows[1])
@@ -782,30 +1127,29 @@ def load_splits(cfg: Config, hub: str | None) -> Splits:
         orphans = [f"'{classes.names[i]}' ({asked[i]} images)"
                    for i in range(classes.num_classes) if asked[i] and not seen[i]]
         if orphans:
-            raise UsageError(f"validation class {listing(orphans)} has no training images; add "
-                             "training images for it or remove it from the validation data")
+            raise Exit(f"validation class {listing(orphans)} has no training images; add "
+                       "training images for it or remove it from the validation data")
     val = val.cast_column(image_col, datasets.Image(decode=False))
     return Splits(train, val, image_col, label_col, classes.names, source_train,
                   [folder_note, note], rows)
 
 
 def hold_out(labels, classes, fraction: float, seed: int) -> tuple[list, list]:
-    """The rows of datasets' stratified train_test_split(test_size=fraction, seed=seed): the same,
-    from the same function, given the labels read in one batch (train_test_split reads them
-    row by row: 1.5 s for 50,000 images at every start, ~40 s for ImageNet's 1.28 million).
-    `classes`: the label column's ClassLabel, for messages."""
+    """The rows of datasets' stratified train_test_split(test_size=fraction, seed=seed), from
+    the same function, given the labels read in one batch (train_test_split reads them row by
+    row: 1.5 s for 50,000 images at every start). `classes`: the ClassLabel, for messages."""
     n_val = math.ceil(fraction * len(labels))
     why = f"cannot hold out --val_fraction {fraction} of {len(labels)} images"
     counts = np.bincount(labels)
     if counts[counts > 0].min() < 2:
         lonely = classes.int2str(int(np.flatnonzero(counts == 1)[0]))
-        raise UsageError(f"{why}: class '{lonely}' has 1 image, and every class needs 2 (one "
-                         "for training, one for validation); add images or a validation split")
+        raise Exit(f"{why}: class '{lonely}' has 1 image, and every class needs 2 (one for "
+                   "training, one for validation); add images or a validation split")
     try:
         train, val = next(datasets.utils.stratify.stratified_shuffle_split_generate_indices(
             labels, len(labels) - n_val, n_val, rng=np.random.default_rng(seed)))
     except ValueError as e:  # fewer images in one part than there are classes
-        raise UsageError(f"{why}: {first_line(e)}") from None
+        raise Exit(f"{why}: {first_line(e)}") from None
     return train.tolist(), val.tolist()
 
 
@@ -819,7 +1163,7 @@ def align_classes(split, label_col: str, names: list[str], whose: str):
         return split
     unknown = [n for n in feature.names if n not in names]
     if unknown:
-        raise UsageError(f"classes {listing(unknown)} are not among {whose} ({listing(names)})")
+        raise Exit(f"classes {listing(unknown)} are not among {whose} ({listing(names)})")
     return split.align_labels_with_mapping({name: i for i, name in enumerate(names)}, label_col)
 
 
@@ -827,12 +1171,9 @@ def open_image(image: dict):
     return PIL.Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
 
 
-def unreadable(image: dict, where: str, error: BaseException) -> UsageError:
-    return UsageError(f"cannot read image {image.get('path') or where}: {first_line(error)}. "
-                      "Replace or remove the file")
-
-
-READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError)  # PIL's ways of saying "not an image"
+def unreadable(image: dict, where: str, error: BaseException) -> Exit:
+    return Exit(f"cannot read image {image.get('path') or where}: {first_line(error)}. Replace "
+                "or remove the file")
 
 
 def shown_size(im) -> tuple[int, int]:
@@ -912,6 +1253,10 @@ def decode(image: dict, mode: str, size: tuple[int, int], where: str, cover: flo
     return pixels
 
 
+def pil_mode(meta: dict) -> str:
+    return "L" if meta["channels"] == 1 else "RGB"
+
+
 class Decoded:
     """Rows of a split as (uint8 image, label); the decoding runs in loader workers."""
 
@@ -927,28 +1272,6 @@ class Decoded:
         row = self.split[i]
         image = decode(row[self.image_col], self.mode, self.size, f"row {i}", self.cover)
         return image, row[self.label_col]
-
-
-class EpochSampler:
-    """A permutation that depends only on (seed, epoch). Accelerate's seedable sampler does the
-    same but pickles itself, dataset included, into every checkpoint; the epoch number is
-    already in our loop state."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        return iter(epoch_permutation(self.n, self.seed, self.epoch).tolist())
-
-
-def epoch_permutation(n: int, seed: int, epoch: int):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 class InMemory:
@@ -971,16 +1294,1014 @@ def as_is(batch):  # collate_fn for InMemory and OnDisk: their batches come whol
     return batch
 
 
+def stored(meta: dict, train: bool) -> tuple[tuple[int, int], float]:
+    """The size images are decoded to and the `cover` of decode(). Photo recipe: training
+    images keep all of the (centre-squared) image at size / crop_fraction for the random
+    resized crops; evaluation images are the centre crop of that."""
+    h, w = meta["image_size"]
+    if meta.get("recipe") != "photo":
+        return (h, w), 1.0
+    if train:
+        return (round(h / meta["crop_fraction"]), round(w / meta["crop_fraction"])), 1.0
+    return (h, w), meta["crop_fraction"]
+
+
+def decoded_gb(split, meta: dict, train: bool) -> float:
+    (h, w), _ = stored(meta, train)
+    return len(split) * meta["channels"] * h * w / 1e9
+
+
+def worker_count(cfg: Config) -> int:
+    cpus = cpu_count()
+    if cfg.num_workers >= 0:
+        return min(cfg.num_workers, cpus)
+    per_process = cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(0, min(8, per_process - 1))
+
+
+def make_loader(run: Run, source: Source, meta: dict, mode: str, batch_size: int,
+                sampler: EpochSampler | None):
+    """A prepared loader of (uint8 images, labels) on the device, from memory, from the
+    decoded cache or streamed; `sampler`: the training order (None: evaluation)."""
+    acc, workers, train = run.accelerator, worker_count(run.cfg), sampler is not None
+    dataset = Decoded(source.split, source.image_col, source.label_col, pil_mode(meta),
+                      *stored(meta, train))
+    opts = dict(num_workers=workers, persistent_workers=workers > 0,
+                pin_memory=acc.device.type == "cuda", worker_init_fn=ignore_stop_signals)
+    if mode == "cache":
+        dataset = cached(cache_root(run.cfg), source, meta, train)
+        opts["collate_fn"] = as_is
+    elif mode == "memory":
+        # Decoded once through the same per-sample path; workers only pay off when large.
+        whole = torch.utils.data.DataLoader(dataset, batch_size=512,
+                                            num_workers=workers if len(dataset) > 5000 else 0,
+                                            worker_init_fn=ignore_stop_signals)
+        parts = [batch for batch in whole]
+        dataset = InMemory(torch.cat([p[0] for p in parts]).to(acc.device),
+                           torch.cat([p[1] for p in parts]).to(acc.device))
+        opts = dict(collate_fn=as_is)
+    # Loader iterators draw their base seed from `generator`; a private one keeps the global
+    # RNG (dropout) independent of how many loaders were started, so resumes stay bit-exact.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                         drop_last=train, **opts,
+                                         generator=torch.Generator().manual_seed(run.cfg.seed))
+    return acc.prepare(loader)
+
+
+def pick_mode(run: Run, splits: list[tuple], meta: dict, image_col: str, label_col: str) -> str:
+    """--data_mode auto: memory if the decoded splits (`splits`: (split, train, part_of))
+    fit the budget, else the cache if it is built or the disk has room for it, else stream."""
+    cfg = run.cfg
+    if cfg.data_mode != "auto":
+        return cfg.data_mode
+    gb = sum(decoded_gb(split, meta, train) for split, train, _ in splits)
+    why = f"{gb:.3f} GB decoded, --memory_budget_gb {cfg.memory_budget_gb}"
+    mode = "memory"
+    if gb > cfg.memory_budget_gb:
+        root = cache_root(cfg)
+        folders = {cache_folder(root, part[0] if part else split, image_col, label_col, meta,
+                                train): decoded_gb(part[0] if part else split, meta, train)
+                   for split, train, part in splits}  # both splits may share one
+        need = 1e9 * sum(gb for f, gb in folders.items() if not (f / "cache.json").exists())
+        existing = next(p for p in [root, *root.parents] if p.exists())
+        free = shutil.disk_usage(existing).free
+        mode = "cache" if with_slack(need) <= free else "stream"
+        why += (f"; cache {root}: {size_text(need)} to build, {size_text(free)} free"
+                if need else f"; cache {root}: built")
+    print0(run.accelerator, f"data: {mode} mode ({why})")
+    return mode
+
+
+@dataclass
+class Data:
+    train: object | None        # prepared loaders; both yield (uint8 images, labels) on the device
+    val: object
+    sampler: EpochSampler       # the training order (its epoch is set directly: see train())
+    meta: dict                  # what rebuilds the preprocessing: stored with the weights
+    counts: tuple[int, int]     # training and validation images
+
+
+def build_data(run: Run) -> Data:
+    """The training run's data: splits, what the automatic settings become (run.cfg, resolved
+    here once), and the loaders."""
+    cfg, acc = run.asked, run.accelerator
+    with acc.main_process_first():  # Hub / imagefolder caches are written once
+        s = load_splits(cfg, run.hub)
+    sizes, colour = probe_images(s.source_train, s.image_col)  # the same for every --seed
+    resolved, meta, note = preprocessing(cfg, s, sizes, colour)
+    batch, batch_note = batch_size(cfg, len(s.train), acc.num_processes)
+    for line in [*s.notes, note, batch_note]:
+        if line:
+            print0(acc, line)
+    parts = part_of(s, meta, True), part_of(s, meta, False)
+    mode = pick_mode(run, [(s.train, True, parts[0]), (s.val, False, parts[1])], meta,
+                     s.image_col, s.label_col)
+    workers = worker_count(cfg)
+    if cfg.num_workers > workers:
+        print0(acc, f"note: --num_workers {cfg.num_workers} capped at {workers} (CPU cores)")
+    run.cfg = dataclasses.replace(  # the one resolved configuration
+        cfg, **resolved, batch_size=batch, data_mode=mode, num_workers=workers,
+        image_column=s.image_col, label_column=s.label_col, output_dir=str(run.dir),
+        threads=torch.get_num_threads(), mixed_precision=acc.mixed_precision,
+        cache_dir=str(cache_root(cfg)) if mode == "cache" else cfg.cache_dir)
+    sampler = EpochSampler(len(s.train), cfg.seed)
+    train = make_loader(run, Source(s.train, s.image_col, s.label_col, parts[0]), meta, mode,
+                        batch, sampler)
+    val = make_loader(run, Source(s.val, s.image_col, s.label_col, parts[1]), meta, mode, batch,
+                      None)
+    meta["data"] = {k: getattr(run.cfg, k) for k in ("dataset", "dataset_config", "revision",
+                                                     "image_column", "label_column",
+                                                     "val_fraction", "seed")}
+    return Data(train, val, sampler, meta, (len(s.train), len(s.val)))
+
+
+def preprocessing(cfg: Config, s: Splits, sizes: list, colour: int) -> tuple[dict, dict, str]:
+    """What the images become: the resolved settings, the weights' metadata (meta) and a line.
+    --pretrained: the weights' own normalization, size and crop fraction, unless given."""
+    stats, fraction, size = None, cfg.crop_fraction, cfg.image_size
+    if cfg.pretrained:
+        preset = pretrained_weights(cfg).transforms()
+        stats = {"mean": list(preset.mean), "std": list(preset.std)}
+        size = size or preset.crop_size[0]
+        if fraction == Config.crop_fraction:
+            fraction = preset.crop_size[0] / preset.resize_size[0]
+    props, note = image_properties(dataclasses.replace(cfg, image_size=size), cfg.model, sizes,
+                                   colour)
+    (h, w), c = props["image_size"], props["channels"]
+    padding = cfg.crop_padding if cfg.crop_padding >= 0 else min(h, w) // 8
+    if padding > min(h, w):  # a padded batch of 3,000 px took 3.5 GB
+        raise Exit(f"--crop_padding {cfg.crop_padding} is more than the image side "
+                   f"({min(h, w)} px): use at most {min(h, w)}, or -1 (auto)")
+    resolved = {"image_size": max(h, w), "channels": c, "hflip": props["hflip"],
+                "crop_padding": padding, "crop_fraction": fraction,
+                "recipe": cfg.recipe if cfg.recipe != "auto" else "photo" if min(h, w) >= 64
+                else "small"}
+    meta = {**props, **(stats or {"mean": [0.5] * c, "std": [0.5] * c}),
+            "class_names": s.class_names, "num_classes": len(s.class_names), "model": cfg.model,
+            "crop_padding": padding, "recipe": resolved["recipe"], "crop_scale": cfg.crop_scale,
+            "crop_ratio": cfg.crop_ratio, "crop_fraction": fraction}
+    return resolved, meta, note
+
+
+def batch_size(cfg: Config, train_count: int, processes: int) -> tuple[int, str]:
+    """--batch_size, or 64 per process, halved (down to 8) until an epoch has
+    MIN_STEPS_PER_EPOCH optimizer steps: 2 steps per epoch leave BatchNorm's averages behind."""
+    per_process = train_count // processes
+    if per_process == 0:
+        raise Exit(f"{train_count} training images cannot be shared by {processes} processes; "
+                   "use fewer processes")
+    if cfg.batch_size:
+        if per_process < cfg.batch_size:
+            raise Exit(f"{train_count} training images make no full batch of --batch_size "
+                       f"{cfg.batch_size} on each of {processes} processes; lower --batch_size "
+                       "(or leave it out: automatic)")
+        return cfg.batch_size, ""
+    batch, accum = 64, cfg.gradient_accumulation_steps
+    while batch > 8 and per_process // batch // accum < MIN_STEPS_PER_EPOCH:
+        batch //= 2
+    if per_process < batch:
+        return max(1, per_process), (f"note: only {per_process} training images per process, "
+                                     f"fewer than a batch: batch size {max(1, per_process)} "
+                                     "per process (auto)")
+    steps = per_process // batch // accum
+    return batch, "" if batch == 64 else (
+        f"note: batch size {batch} per process (auto): {per_process} training images per "
+        f"process make {steps} steps per epoch; --batch_size sets it")
+
+
+def load_eval_split(run: Run, meta: dict):
+    """--eval_only: what to evaluate. The weights' own data (no --dataset, no --split): the
+    validation split they were trained with, held out again with the same seed if need be.
+    Otherwise --split of the data, else its validation/test split, else all of it. Returns
+    the split, its columns, what it is, and part_of for the decoded cache."""
+    cfg, given, own = run.asked, run.given, meta["data"]
+    same = "dataset" not in given or cfg.dataset == own["dataset"]
+    if same:  # the data flags it was trained with, unless given
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in own.items() if k not in given})
+    if same and "split" not in given:
+        s = load_splits(cfg, run.hub)
+        return (s.val, s.image_col, s.label_col, "the validation split of the training data",
+                part_of(s, meta, False))
+    source, _ = load_source(cfg, run.hub)
+    if isinstance(source, datasets.DatasetDict):
+        name = cfg.split or next((n for n in VAL_SPLITS if n in source),
+                                 "train" if "train" in source else next(iter(source)))
+        if name not in source:
+            raise Exit(f"--split {name}: no such split in {cfg.dataset}; its splits are "
+                       f"{listing(source)}")
+        split, what = source[name], f"split '{name}'"
+    elif cfg.split:
+        raise Exit(f"--split {cfg.split}: {cfg.dataset} has no splits; leave --split out to "
+                   "evaluate all of it")
+    else:
+        split, what = source, "all of it"
+    if len(split) == 0:
+        raise Exit(f"{what} of {cfg.dataset} is empty")
+    image_col, label_col, _ = find_columns(split, cfg.image_column, cfg.label_column)
+    split = align_classes(split, label_col, meta["class_names"], "the model's classes")
+    split = split.cast_column(image_col, datasets.Image(decode=False))
+    return split, image_col, label_col, f"{what} of {cfg.dataset}", None
+
+
+# ----------------------------------------------------------------------------- run directory
+
+@dataclass
+class LoopState:
+    """All mutable training state besides Accelerate's; stored as JSON in every checkpoint."""
+    epoch: int = 0              # epochs finished (the current one, 0-based)
+    batch: int = 0              # micro-batches of this epoch already trained, per process
+    step: int = 0               # optimizer steps so far
+    evaluated: int = 0          # epochs whose evaluation is done (it follows their checkpoint)
+    best_val_acc: float = -1.0
+    skipped_steps: int = 0      # steps dropped by --nan_policy skip
+    train_time_s: float = 0.0   # summed over resumes
+    epoch_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss*n, correct, n
+    last_metrics: dict = field(default_factory=dict)  # the last finished epoch's metrics
+
+
+def loop_state(saved, where: Path) -> LoopState:
+    """The loop state of a checkpoint, each field of the type it is written with, and the
+    metrics that resuming at that point reports."""
+    def wrong(what: str) -> Exit:
+        return Exit(f"{where / 'loop_state.json'}: {what}: damaged or edited; --resume another "
+                    "checkpoint")
+    try:
+        state = LoopState(**saved)
+    except TypeError as e:
+        raise wrong(first_line(e)) from None
+    for f in fields(LoopState):
+        value, kind = getattr(state, f.name), type(getattr(LoopState(), f.name))
+        if not (type(value) is kind or kind is float and type(value) is int):
+            raise wrong(f"{f.name} is {value!r}, not {kind.__name__}")
+    need = ["train_loss", "train_acc", "epoch_time_s", "images_per_s"] if state.epoch else []
+    need += ["val_loss", "val_acc"] if state.evaluated and state.evaluated == state.epoch else []
+    if len(state.epoch_sums) != 3 or not all(
+            type(v) in (int, float) for v in [*state.epoch_sums,
+                                              *(state.last_metrics.get(k) for k in need)]):
+        raise wrong("epoch_sums or last_metrics incomplete")
+    return state
+
+
+def check_loop_state(state: LoopState, batches: int, accum: int, where: Path) -> None:
+    """A checkpoint's loop state must be one this run can reach: a batch index past the epoch
+    would make the resumed loop skip forever."""
+    per_epoch = -(-batches // accum)
+    if not (state.epoch >= 0 and 0 <= state.batch < batches and 0 <= state.evaluated
+            <= state.epoch and state.step == state.epoch * per_epoch + -(-state.batch // accum)):
+        raise Exit(f"{where / 'loop_state.json'} does not fit this run (epoch {state.epoch}, "
+                   f"batch {state.batch} of {batches}, step {state.step}): damaged or edited; "
+                   "--resume another checkpoint")
+
+
+def write_json(path: Path, obj) -> None:
+    """Write-then-rename, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def open_regular(path: Path, follow: bool = True):
+    """A regular file opened for reading, or ValueError: never a device, a FIFO (opening one
+    would wait for a writer) or, with follow=False, a link."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{path} is not a regular file")
+    return open(fd, "rb")
+
+
+def file_digest(path: Path, follow: bool = True) -> str:
+    """sha256 of a regular file, read up to the size it had when opened."""
+    digest = hashlib.sha256()
+    with open_regular(path, follow) as f:
+        left = os.fstat(f.fileno()).st_size
+        while left > 0 and (chunk := f.read(min(1 << 20, left))):
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
+def read_json(path: Path, limit: int = 1 << 24):
+    """A JSON file that is a regular file of at most `limit` bytes (a forged or edited one
+    may be anything); ValueError otherwise."""
+    with open_regular(path) as f:
+        if os.fstat(f.fileno()).st_size > limit:
+            raise ValueError(f"{path} is larger than {size_text(limit)}")
+        return json.loads(f.read(limit))
+
+
+def checkpoint_ok(path: Path) -> tuple[bool, str]:
+    """A checkpoint is complete when loop_state.json (written last) lists every file with
+    its size and sha256 and they all match: plain files of the checkpoint directory only,
+    never followed out of it. Its loop state and random states must load as well."""
+    try:
+        saved = read_json(path / "loop_state.json")
+        for name, (size, digest) in saved["files"].items():
+            if not (isinstance(name, str) and name == Path(name).name and name not in ("", "..")
+                    and isinstance(size, int)):
+                return False, f"loop_state.json names {name!r}, not a file of the checkpoint"
+            if (path / name).lstat().st_size != size or \
+                    file_digest(path / name, follow=False) != digest:
+                return False, f"{name} does not match its recorded size and sha256"
+        if not isinstance(saved["identity"], dict):
+            return False, "loop_state.json holds no run identity"
+        loop_state(saved["loop"], path)
+        for name in saved["files"]:
+            if name.startswith("random_states_"):
+                check_random_states(path / name)
+        return True, ""
+    except Exit as e:
+        return False, str(e)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return False, f"{type(e).__name__}: {e}"
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint directories, newest first (half-written ones live under .tmp_ names)."""
+    root = run_dir / "checkpoints"
+    found = root.glob("step_*") if root.is_dir() else []
+    return sorted((p for p in found if p.name[5:].isdigit()), key=lambda p: p.name, reverse=True)
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Crash-safe: every process writes into a temporary directory, the main process records
+    the manifest last, renames the directory into place, and only then prunes old ones."""
+    acc, state, root = run.accelerator, run.state, run.dir / "checkpoints"
+    final, tmp = root / f"step_{state.step:08d}", root / f".tmp_step_{state.step:08d}"
+    if final.exists() and checkpoint_ok(final)[0]:
+        return final  # e.g. stopped again right after resuming from it
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    try:
+        acc.save_state(str(tmp))  # model, optimizer, scaler, RNG of every process
+    except Exception as e:  # torch.save reports a full disk as "file write failed"
+        if shutil.disk_usage(root).free > 4 * sum(p.stat().st_size for p in tmp.iterdir()) \
+                + 2**20:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from e
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if run.ema is not None:  # safetensors, not Accelerate's pickled custom state
+            save_tensors(run.ema.state_dict(), tmp / "ema.safetensors")
+        for p in tmp.iterdir():
+            follow_umask(p)
+        files = {p.name: [p.stat().st_size, file_digest(p)] for p in sorted(tmp.iterdir())}
+        write_json(tmp / "loop_state.json", {"loop": asdict(state), "identity": run.identity,
+                                             "files": files})
+        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same step
+        os.replace(tmp, final)
+        dir_fd = os.open(root, os.O_RDONLY)
+        os.fsync(dir_fd)
+        os.close(dir_fd)
+        for old in checkpoints(run.dir)[run.cfg.keep_checkpoints:] \
+                if run.cfg.keep_checkpoints else []:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob(".tmp_step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def pick_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
+    """--resume auto: the newest checkpoint that verifies; none: None; else the given path."""
+    if cfg.resume == "none":
+        return None
+    if cfg.resume != "auto":
+        path = Path(cfg.resume)
+        ok, why = checkpoint_ok(path)
+        if not ok:
+            raise Exit(f"--resume {cfg.resume} is not a complete checkpoint ({why}); use "
+                       "--resume auto to take the newest complete one")
+        return path
+    for path in checkpoints(run_dir):
+        ok, why = checkpoint_ok(path)
+        if ok:
+            return path
+        print(f"warning: skipping damaged checkpoint {path} ({why})", flush=True)
+    return None
+
+
+def take_lock(path: Path, wait: bool):
+    """flock on `path` (created if need be, never through a link): the open file, held until
+    it is closed or the process ends, kill -9 included; None where the file system has no
+    locks (e.g. Lustre without -o flock), with a warning. Without `wait`, a lock held by
+    another process raises BlockingIOError."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        fd = None
+    info = os.fstat(fd) if fd is not None else None
+    if info is None or not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        if fd is not None:
+            os.close(fd)  # the run lock's file is rewritten: never another file through a link
+        raise Exit(f"{path} is not a plain file of its own (a link?); remove it")
+    lock = open(fd, "r+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise BlockingIOError(str(lock.read(200).strip() or "starting")) from None
+        risk = ("processes may decode the same split at the same time" if wait else
+                "two runs in this directory are not prevented")
+        print(f"warning: cannot lock {path} ({e.strerror}): {risk}", flush=True)
+        lock.close()
+        return None
+    return lock
+
+
+def lock_run_dir(run_dir: Path):
+    """An exclusive lock on run_dir/.lock, holding who has it: never stale (see take_lock)."""
+    try:
+        lock = take_lock(run_dir / ".lock", wait=False)
+    except BlockingIOError as holder:
+        raise Exit(f"{run_dir} is in use by another run ({holder}); wait for it to end or use "
+                   "another --output_dir") from None
+    if lock is not None:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"host {socket.gethostname()}, pid {os.getpid()}, since "
+                   f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n")
+        lock.flush()
+    return lock
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "model.safetensors", "checkpoints",
+             "tensorboard")
+
+
+def prepare_run_dir(run: Run) -> tuple[Path | None, object]:
+    """Lock the directory, then decide, identically on every process, whether this is a new
+    run, a resume, or another run's directory (refused). Returns the checkpoint to resume
+    from, if any, and the lock (held by the main process)."""
+    cfg, run_dir, acc = run.cfg, run.dir, run.accelerator
+    identity = run.identity = run_identity(run)
+    answer, lock = [""], None
+    if acc.is_main_process:
+        created = not run_dir.exists()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = lock_run_dir(run_dir)
+            answer = [str(pick_checkpoint(cfg, run_dir) or "") if not cfg.overwrite else ""]
+        except OSError as e:  # a full disk is exit 1, like a full disk later on
+            answer = [e if e.errno in (errno.ENOSPC, errno.EDQUOT) else
+                      Exit(f"cannot write to --output_dir {run_dir}: {e}")]
+        except Exit as e:  # in use, or a damaged --resume PATH
+            answer = [e]
+        if isinstance(answer[0], Exception) and created and (
+                lock is not None or isinstance(answer[0], OSError)):  # not: in use by another
+            shutil.rmtree(run_dir, ignore_errors=True)  # refused: leave no empty directory
+    accelerate.utils.broadcast_object_list(answer)  # the main process hashes; all follow
+    if isinstance(answer[0], Exception):
+        raise answer[0]
+    resume = Path(answer[0]) if answer[0] else None
+    if resume is not None:
+        saved = read_json(resume / "loop_state.json")["identity"]
+        diff = [k for k in identity if k in saved and saved[k] != identity[k]]  # older: fewer
+        if diff:
+            raise Exit(f"checkpoint {resume} belongs to a different run: " + "; ".join(
+                f"{k} was {saved.get(k)!r}, now {identity[k]!r}" for k in diff)
+                + ". Use the same settings, another --output_dir, or --resume none --overwrite")
+        if (run_dir / "results.json").exists() and cfg.resume == "auto":
+            already_holds(run_dir, "a finished run (results.json)")
+        return resume, lock
+    clear_run_dir(run)
+    return None, lock
+
+
+def clear_run_dir(run: Run) -> None:
+    """A new run: another run's files are refused, unless --overwrite (then removed)."""
+    old, run_dir = {}, run.dir
+    if (run_dir / "config.json").exists():
+        try:
+            old = dict(read_json(run_dir / "config.json").get("identity", {}))
+        except (OSError, ValueError, TypeError, AttributeError):
+            old = {"unreadable": True}
+    other = [f for f in RUN_FILES if (run_dir / f).exists()]
+    same = old and all(old.get(k) == run.identity[k] for k in run.identity)
+    finished = "results.json" in other or "model.safetensors" in other
+    if other and not run.cfg.overwrite and (finished or not same or checkpoints(run_dir)):
+        already_holds(run_dir, f"another run ({', '.join(other)})")
+    run.accelerator.wait_for_everyone()  # everyone has looked before anything is removed
+    if run.accelerator.is_main_process:
+        for f in other:
+            target = run_dir / f
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
+def already_holds(run_dir: Path, what: str) -> None:
+    raise Exit(f"{run_dir} already holds {what}; use another --output_dir, or --overwrite to "
+               "replace it")
+
+
+def refuse_to_replace(path: Path, cfg: Config) -> None:
+    if path.exists() and not cfg.overwrite:
+        already_holds(path.parent, path.name)
+
+
+def run_identity(run: Run) -> dict:
+    """What a checkpoint must match to be resumed by this run (a view of run.cfg)."""
+    cfg, meta = run.cfg, run.data.meta
+    return {"dataset": cfg.dataset, "dataset_config": cfg.dataset_config,
+            "revision": cfg.revision, "model": cfg.model, "seed": cfg.seed,
+            "start": cfg.pretrained or cfg.init_from, "image_size": meta["image_size"],
+            "channels": meta["channels"], "batch_size": cfg.batch_size,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "num_processes": run.accelerator.num_processes, "num_classes": meta["num_classes"],
+            "train_count": run.data.counts[0]}
+
+
+def resolve_run_dir(cfg: Config, suffix: str) -> tuple[Path, bool]:
+    """--output_dir, or a new runs/<date>-<time>-<suffix>[-N] made here (mkdir is atomic, so
+    two runs started in the same second get two directories). Returns (path, made here)."""
+    if cfg.output_dir:
+        return Path(cfg.output_dir).expanduser(), False
+    name = [None]
+    if accelerate.PartialState().is_main_process:
+        base = f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}-{suffix}"
+        for n in range(1, 10_000):
+            try:
+                Path(f"{base}-{n}" if n > 1 else base).mkdir(parents=True)
+                name = [f"{base}-{n}" if n > 1 else base]
+                break
+            except FileExistsError:
+                continue
+    accelerate.utils.broadcast_object_list(name)  # every process uses the main process's name
+    return Path(name[0]), True
+
+
+class MetricsLog:
+    """metrics.jsonl (main process) plus the Accelerate trackers; one event per line."""
+
+    def __init__(self, accelerator, run_dir: Path, resumed: LoopState | None):
+        self.accelerator, self.path = accelerator, run_dir / "metrics.jsonl"
+        if accelerator.is_main_process and self.path.exists():
+            # Keep what happened up to the checkpoint; drop the rest (and any torn last line),
+            # and an evaluation that the resumed run will repeat.
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if resumed is not None and (event["step"] < resumed.step or (
+                        event["step"] == resumed.step and not (
+                            event["event"] == "eval" and resumed.evaluated < resumed.epoch))):
+                    kept.append(line + "\n")
+            tmp = self.path.with_name("metrics.jsonl.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
+
+    def __call__(self, event: str, step: int, epoch: int, **values) -> None:
+        """`epoch`: 1-based, the epoch in progress (train) or just finished (eval)."""
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"event": event, "step": step, "epoch": epoch, **values})
+                        + "\n")
+        scalars = {f"{event}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
+        self.accelerator.log(scalars, step=step)
+
+
+def save_tensors(state: dict, path: Path, metadata: dict | None = None) -> None:
+    """A state dict as safetensors, on the CPU, written to a temporary name then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                                str(tmp), metadata=metadata)
+    follow_umask(tmp)
+    os.replace(tmp, path)
+
+
+def save_weights(model, path: Path, meta: dict) -> None:
+    # One metadata key holding sorted JSON: safetensors orders several keys differently per run.
+    save_tensors(model.state_dict(), path, {"train_py": json.dumps(meta, sort_keys=True)})
+
+
+def check_meta(meta) -> dict:
+    """The weights' metadata drives allocations (image size, class count): check it first."""
+    def ok() -> bool:
+        size, c, k = meta["image_size"], meta["channels"], meta["num_classes"]
+        return (isinstance(meta["model"], str) and c in (1, 3) and len(size) == 2
+                and all(isinstance(v, int) and 1 <= v <= MAX_IMAGE_SIZE for v in size)
+                and isinstance(k, int) and 1 <= k <= 1_000_000
+                and len(meta["class_names"]) == k and len(meta["mean"]) == len(meta["std"]) == c
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in meta["mean"])
+                and all(isinstance(v, (int, float)) and v > 0 for v in meta["std"])
+                and isinstance(meta["crop_padding"], int) and isinstance(meta["hflip"], bool)
+                and isinstance(meta["data"]["dataset"], str))
+    try:
+        if ok():
+            return meta
+    except (KeyError, TypeError, ValueError):
+        pass
+    raise ValueError("its train_py metadata is incomplete or out of range")
+
+
+def read_weights(path: str, flag: str = "--weights") -> tuple[dict, dict]:
+    p = Path(path)
+    p = p / "model.safetensors" if p.is_dir() else p
+    try:
+        with safetensors.safe_open(str(p), "pt") as f:
+            meta = check_meta(json.loads(f.metadata()["train_py"]))
+        return safetensors.torch.load_file(str(p)), meta
+    except Exception as e:  # not a file, not safetensors (SafetensorError), no/odd metadata
+        raise Exit(f"{flag} {path}: not a model.safetensors written by train.py "
+                   f"({first_line(e)})") from None
+
+
+def trained_model(cfg: Config) -> tuple[object, dict]:
+    """--weights as a model on the CPU and its metadata. The tensors must fit the model the
+    metadata describes, checked on a model built without memory first."""
+    weights, meta = read_weights(cfg.weights)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_model(meta, probe=False)
+                    .state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in weights.items()}
+    if expected != found:
+        wrong = sorted(set(expected) ^ set(found) | {k for k in expected if k in found
+                                                     and expected[k] != found[k]})
+        raise Exit(f"--weights {cfg.weights}: the tensors do not fit a {meta['model']} with "
+                   f"{meta['num_classes']} classes ({listing(wrong, 4)})")
+    model = build_model(meta)
+    model.load_state_dict(weights)
+    return model, meta
+
+
+def write_config(run: Run, resume: Path | None) -> None:
+    """config.json: the flags as given, the resolved configuration, the identity, versions."""
+    acc, cfg, data = run.accelerator, run.cfg, run.data
+    hosts = accelerate.utils.gather_object([os.uname().nodename])
+    effective = cfg.batch_size * acc.num_processes * cfg.gradient_accumulation_steps
+    if acc.is_main_process:
+        write_json(run.dir / "config.json", {
+            "config": asdict(run.asked), "resolved": {
+                **asdict(cfg), "image_size": data.meta["image_size"],
+                "train_count": data.counts[0], "val_count": data.counts[1]},
+            "identity": run.identity, "versions": {
+                "python": sys.version.split()[0], "torch": torch.__version__,
+                "torchvision": torchvision.__version__, "accelerate": accelerate.__version__,
+                "datasets": datasets.__version__},
+            "num_processes": acc.num_processes, "hostnames": hosts, "device": str(acc.device),
+            "mixed_precision": acc.mixed_precision, "data_mode": cfg.data_mode,
+            "effective_batch_size": effective, "torch_threads": torch.get_num_threads(),
+            "resumed_from": str(resume or "") or None,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")})
+    h, w = data.meta["image_size"]
+    print0(acc, f"{acc.num_processes} process(es) on {acc.device.type}, mixed precision "
+                f"{acc.mixed_precision}; effective batch {effective} = {cfg.batch_size} x "
+                f"{acc.num_processes} process(es) x {cfg.gradient_accumulation_steps} "
+                f"accumulation; {data.counts[0]} train / {data.counts[1]} val images, "
+                f"{data.meta['num_classes']} classes, {data.meta['channels']}x{h}x{w}; run "
+                f"directory {run.dir}")
+
+
+def note_changes(run: Run) -> None:
+    """On a resume: the flags that differ from those the run began with."""
+    if not (run.dir / "config.json").exists():
+        return
+    try:
+        before = read_json(run.dir / "config.json")["config"]
+        changed = [f"--{k} {before.get(k)} -> {v}" for k, v in asdict(run.asked).items()
+                   if before.get(k) != v and k not in ("resume", "overwrite", "output_dir")]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        print0(run.accelerator, f"note: {run.dir / 'config.json'} is unreadable or edited: the "
+                                "settings the run began with are not compared (it is rewritten)")
+        return
+    if changed:
+        print0(run.accelerator, "note: changed since the run began: " + ", ".join(changed))
+
+
+def tracker_config(cfg: Config) -> dict:
+    """Trackers take flat scalars and strings."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+            for k, v in asdict(cfg).items()}
+
+
+# ----------------------------------------------------------------------------- flags, signals
+
+CHECKS = [  # (field, ok, requirement)
+    ("epochs", lambda v: v >= 1, "at least 1"),
+    ("batch_size", lambda v: v >= 0, ">= 0 (0 = auto)"),
+    ("lr", lambda v: v > 0, "> 0"),
+    ("val_fraction", lambda v: 0 < v < 1, "between 0 and 1"),
+    ("image_size", lambda v: 0 <= v <= MAX_IMAGE_SIZE, f"between 0 (auto) and {MAX_IMAGE_SIZE}"),
+    ("memory_budget_gb", lambda v: v > 0, "> 0"),
+    ("num_workers", lambda v: v >= -1, ">= -1"),
+    ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("max_grad_norm", lambda v: v >= 0, ">= 0"),
+    ("gradient_accumulation_steps", lambda v: v >= 1, "at least 1"),
+    ("warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("precise_bn", lambda v: v >= 0, ">= 0"),
+    ("head_lr_scale", lambda v: v > 0, "> 0"),
+    ("crop_scale", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("crop_ratio", lambda v: 1 <= v <= 10, "in [1, 10]"),
+    ("crop_fraction", lambda v: 0.2 <= v <= 1, "in [0.2, 1]"),
+    ("mixup", lambda v: v >= 0, ">= 0"),
+    ("ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("cutmix", lambda v: v >= 0, ">= 0"),
+    ("log_every", lambda v: v >= 0, ">= 0"),
+    ("checkpoint_every", lambda v: v >= 0, ">= 0"),
+    ("keep_checkpoints", lambda v: v >= 0, ">= 0"),
+    ("threads", lambda v: v >= 0, ">= 0"),
+    ("crop_padding", lambda v: -1 <= v <= MAX_IMAGE_SIZE, ">= 0 or -1 (auto), and at most the "
+     "image side"),
+    ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy's seed range)"),
+    ("output_dir", lambda v: v is None or v.strip() != "", "a directory, not empty"),
+    ("cache_dir", lambda v: v is None or v.strip() != "", "a directory, not empty"),
+]
+GROUPS = {"dataset": "data", "model": "model", "epochs": "optimization",  # first field: title
+          "output_dir": "outputs and logging", "checkpoint_every": "checkpoints and preemption",
+          "seed": "system", "eval_only": "evaluation only"}
+RULES = [  # (broken, message): flags that cannot go together, in the order they are checked
+    (lambda c, given: c.eval_only and not c.weights,
+     "--eval_only needs --weights RUN_DIR_OR_MODEL_SAFETENSORS"),
+    (lambda c, given: c.predict and not c.weights,
+     "--predict needs --weights RUN_DIR_OR_MODEL_SAFETENSORS"),
+    *[(lambda c, given, flag=flag: flag in given and not (
+        c.eval_only or (c.predict and flag == "weights")), f"--{flag} goes with --eval_only "
+       "(evaluate saved weights) or --predict; drop it to train") for flag in ("weights", "split")],
+    (lambda c, given: c.resume not in ("auto", "none") and c.overwrite,
+     "--resume {c.resume} continues that checkpoint, --overwrite would delete it: drop "
+     "--overwrite"),
+    (lambda c, given: c.pretrained and c.init_from,
+     "--pretrained and --init_from both give starting weights: pick one"),
+    (lambda c, given: c.pretrained and c.model == "cnn", "--pretrained takes torchvision's "
+     "weights: name a torchvision --model (resnet18, ...); for a cnn run use --init_from RUN_DIR"),
+    (lambda c, given: c.freeze_backbone and not (c.pretrained or c.init_from),
+     "--freeze_backbone would train a head on random features: add --pretrained or --init_from"),
+    (lambda c, given: c.channels == 1 and c.model != "cnn",
+     "--channels 1: torchvision models (--model {c.model}) take RGB input"),
+]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints its 31-line usage first
+        raise Exit(f"{message} (--help lists the flags)")
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[Config, set[str]]:
+    """Flags are generated from Config; returns the config and the names given explicitly.
+    Everything here is checked before any file is written or any library imported."""
+    parser = OneLineParser(description=__doc__.split("\n\n")[0],
+                           argument_default=argparse.SUPPRESS,
+                           allow_abbrev=False)  # slurm/lib.sh reads --output_dir
+    group = parser
+    for f in fields(Config):
+        group = parser.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
+        text = f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})")
+        if f.type == "bool":
+            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=text)
+        elif f.name == "pretrained":  # --pretrained alone means DEFAULT
+            group.add_argument(f"--{f.name}", nargs="?", const="DEFAULT", help=text)
+        else:
+            group.add_argument(f"--{f.name}", type={"int": int, "float": float}.get(f.type, str),
+                               choices=f.metadata["choices"], help=text)
+    given = vars(parser.parse_args(argv))
+    cfg = Config(**given)
+    for f in fields(Config):
+        if f.type == "float" and not math.isfinite(getattr(cfg, f.name)):
+            raise Exit(f"--{f.name} must be a finite number (got {getattr(cfg, f.name)})")
+    for name, ok, requirement in CHECKS:
+        if not ok(getattr(cfg, name)):
+            raise Exit(f"--{name} must be {requirement} (got {getattr(cfg, name)!r})")
+    signal_numbers(cfg.stop_signals)
+    for broken, message in RULES:
+        if broken(cfg, given):
+            raise Exit(message.format(c=cfg))
+    return cfg, set(given)
+
+
+def signal_numbers(names: str) -> list[int]:
+    numbers = []
+    for name in filter(None, (n.strip().upper() for n in names.split(","))):
+        signum = getattr(signal, name if name.startswith("SIG") else "SIG" + name, None)
+        if not isinstance(signum, signal.Signals):
+            raise Exit(f"--stop_signals: unknown signal {name}")
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            raise Exit(f"--stop_signals: {signum.name} cannot be caught; use USR1, TERM or INT")
+        numbers.append(signum)
+    return numbers
+
+
+class StopFlag:
+    """Signal handlers only set this; the processes agree on it at the next step boundary.
+    Before the training loop (imports, data, checkpoint checks) nothing is lost by stopping,
+    so until `training()` the handler ends start-up at once: it raises KeyboardInterrupt, as
+    Python's own SIGINT handler does, which no library's `except Exception` swallows (main:
+    exit 75). Never restored: a signal during the shutdown still means exit 75."""
+
+    def __init__(self, names: str = ""):
+        self.signal: str | None = None
+        self.caught: list[int] = []
+        self.immediate = True
+        self.catch(names)
+
+    def catch(self, names: str) -> None:
+        wanted = signal_numbers(names)
+        for signum in set(self.caught) - set(wanted):
+            signal.signal(signum, signal.SIG_DFL)
+        for signum in wanted:
+            signal.signal(signum, self.handle)
+        self.caught = wanted
+        for signum in EARLY_SIGNALS:  # before main() started: in the default set, or not at all
+            if signum in wanted:
+                self.handle(signum, None)
+
+    def handle(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+        if self.immediate:
+            self.immediate = False
+            raise KeyboardInterrupt(self.signal)
+
+    def training(self) -> None:
+        """From the first step on, a signal only sets the flag (checkpoint, then exit 75)."""
+        self.immediate = False
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers: a Ctrl-C or Slurm's SIGTERM goes to the whole process group, and a
+    worker killed by it would crash the run before the main process can checkpoint."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+class Exit(Exception):
+    """How a run ends early, with its exit code and its one line (code 2: bad usage or input;
+    1: a non-finite loss; 75: stopped, the line already printed by the loop, or none)."""
+
+    def __init__(self, message: str = "", code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.code = code
+
+
+def exit_code(error: BaseException, stop: StopFlag, run_dir: Path | None) -> int:
+    """main()'s one handler: the line each expected way of ending prints, and its exit code."""
+    if isinstance(error, KeyboardInterrupt) and stop.signal is not None:
+        error = Exit(f"stopped by {stop.signal} before training started: nothing to save; exit "
+                     f"{EXIT_PREEMPTED}, the same command resumes", EXIT_PREEMPTED)
+    elif isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        error = Exit(f"{error.strerror} (writing {error.filename or run_dir}): free some space "
+                     "and run the same command (it resumes from the newest complete checkpoint, "
+                     "if there is one)", EXIT_FAILED)
+    elif isinstance(error, MemoryError) or isinstance(error, RuntimeError) and "alloc" in str(
+            error):  # torch.OutOfMemoryError is a RuntimeError
+        error = Exit(f"out of memory ({first_line(error)}); lower --batch_size or --image_size",
+                     EXIT_FAILED)
+    elif not isinstance(error, Exit):
+        raise error
+    message = str(error)
+    if "Original Traceback" in message:  # raised in a DataLoader worker
+        message = message.strip().splitlines()[-1].split("Exit: ", 1)[-1]
+    if error.code == EXIT_PREEMPTED:
+        if message:
+            report(f"train.py: {message}")
+    else:
+        print(f"train.py: error: {message[:2000]}", file=sys.stderr)
+    return error.code
+
+
+def report(line: str) -> None:
+    """A stop line for both the log (stdout) and the error stream: once where they are one file
+    (a terminal, a Slurm log)."""
+    print(line, flush=True)
+    try:
+        if os.path.samestat(os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())):
+            return
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # captured streams
+        pass
+    print(line, file=sys.stderr, flush=True)
+
+
+def print0(accelerator, *values) -> None:
+    """Print once per job: accelerator.print prints once per node."""
+    if accelerator.is_main_process:
+        print(*values, flush=True)
+
+
+def listing(items, limit: int = 8) -> str:
+    """A list for a one-line message: the first few, then how many in all."""
+    items = [str(i) for i in items]
+    more = f", ... ({len(items)} in all)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def size_text(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
+
+
+def first_line(error: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # torch's bold error titles
+    return f"{type(error).__name__}: {(text.splitlines() or [''])[0][:300]}"
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+# ----------------------------------------------------------------------------- libraries
+
+def import_libraries() -> None:
+    """torch, torchvision, accelerate and datasets take ~6 s to import: they come after the
+    stop signals are caught and the flags are checked, so --help and a bad flag answer at once
+    and a signal during the imports is not lost. Tests and benchmarks call this first."""
+    global accelerate, datasets, np, PIL, safetensors, torch, torchvision, nn, F, TF, tqdm
+    import accelerate
+    import accelerate.optimizer
+    import accelerate.tracking
+    import accelerate.utils
+    import datasets
+    import numpy as np
+    import PIL.Image
+    import PIL.ImageOps
+    import safetensors
+    import safetensors.torch
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    import torchvision
+    from torchvision.transforms.v2 import functional as TF
+    from tqdm.auto import tqdm
+    if not sys.stderr.isatty():
+        datasets.disable_progress_bars()  # they flood log files (Slurm, CI)
+
+
+def use_cpu(cfg: Config) -> bool:
+    """Train on the CPU: asked, or no accelerator. On a CPU-only machine under torchrun or
+    `accelerate launch --multi_gpu`, a plain Accelerator() reports one process and every
+    process trains on all the data; cpu=True makes it MULTI_CPU over gloo. torch.accelerator
+    also knows MPS and XPU; its current_accelerator() answers "cuda" on a CUDA build."""
+    cpu = cfg.cpu or not (torch.accelerator.is_available() if hasattr(torch, "accelerator")
+                          else torch.cuda.is_available())
+    gpus, local = torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", 0))
+    if not cpu and torch.cuda.is_available() and local >= gpus:
+        raise Exit(f"this process is local rank {local} but the machine has {gpus} GPU(s): "
+                   f"launch {gpus} process(es) per machine (accelerate launch --num_processes "
+                   f"{gpus}, or plain `accelerate launch train.py`)")
+    return cpu
+
+
+def make_accelerator(cfg: Config, cpu: bool, run_dir: Path):
+    available = [str(t) for t in accelerate.tracking.get_available_trackers()]
+    if cfg.report_to not in ("none", "all", *available):  # Accelerate would log nowhere
+        raise Exit(f"--report_to {cfg.report_to}: the package is not installed (pip install "
+                   f"{cfg.report_to})")
+    # The shipped launcher config asks for bf16, which on a CPU is slower than fp32 and no
+    # better: on the CPU only an explicit --mixed_precision turns it on.
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    mixed = cfg.mixed_precision or ("no" if cpu else None)
+    try:
+        accelerator = accelerate.Accelerator(
+            cpu=cpu, project_dir=str(run_dir), mixed_precision=mixed,
+            gradient_accumulation_plugin=accelerate.utils.GradientAccumulationPlugin(
+                num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=True),
+            dataloader_config=accelerate.utils.DataLoaderConfiguration(non_blocking=True),
+            dynamo_plugin=accelerate.utils.TorchDynamoPlugin(backend="inductor")
+            if cfg.compile else None,
+            log_with=None if cfg.report_to == "none" else cfg.report_to)
+    except (ValueError, ImportError) as e:  # e.g. an uninstalled tracker, bf16 unsupported
+        raise Exit(str(e).strip().splitlines()[0]) from None
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate accepts this and silently trains in fp32.
+        raise Exit("--mixed_precision fp16 needs a GPU; on the CPU use bf16 or no")
+    if cpu and cfg.mixed_precision is None and launcher != "no":
+        print0(accelerator, f"note: the launcher asks for {launcher}; on the CPU this run "
+                            "trains in fp32 (--mixed_precision bf16 insists)")
+    cores, local = cpu_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if accelerator.device.type == "cpu" and local > cores:
+        print0(accelerator, f"warning: {local} processes on {cores} CPU cores and no GPU: each "
+                            "process gets a fraction of a core. Use `python train.py`, or "
+                            f"`accelerate launch --num_processes {cores} ...`")
+    if cfg.threads:
+        if cfg.threads > cores:
+            print0(accelerator, f"note: --threads {cfg.threads} capped at {cores} (CPU cores)")
+        torch.set_num_threads(min(cfg.threads, cores))
+    remember_accelerate_answers()
+    return accelerator
+
+
+# ----------------------------------------------------------------------------- decoded cache
+# --data_mode cache: each split decoded once, in worker processes, into a file of uint8 rows
+# under --cache_dir, named by all it depends on, and read by index.
+
 CACHE_FORMAT = 1  # in every cache key: bump it when decode() changes what it makes
 
 
 class OnDisk:
-    """Cache mode: a decoded split as one file of uint8 C x H x W rows (and its labels),
-    written once by build_cache. A batch is read row by row with pread: the OS page cache
-    keeps the rows in memory when they fit, and unlike a memory map the pages read never
-    count as this process's memory (RSS, which job schedulers limit). One core, random
-    batches of 20,000 rows of 3x73x73: pread 0.47M rows/s, a numpy memmap 0.98M, datasets'
-    Arrow Array3D 17k (bench/cache.py --section formats)."""
+    """A decoded split as one file of uint8 C x H x W rows (and its labels), written once by
+    build_cache. A batch is read row by row with pread: the OS page cache keeps the rows in
+    memory when they fit, and unlike a memory map the pages read never count as this
+    process's memory (RSS, which job schedulers limit). One core, random batches of 20,000
+    rows of 3x73x73: pread 0.47M rows/s, a numpy memmap 0.98M, datasets' Arrow Array3D 17k
+    (bench/cache.py --section formats)."""
 
     def __init__(self, folder: Path, shape: tuple[int, ...], labels):
         self.path, self.shape, self.labels = folder / "images.u8", tuple(shape), labels
@@ -1030,11 +2351,45 @@ def cache_folder(root: Path, split, image_col: str, label_col: str, meta: dict, 
     return root / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
 
 
-def open_cache(folder: Path, split, label_col: str, meta: dict, train: bool
+def cached(root: Path, source: Source, meta: dict, train: bool):
+    """The split decoded into root/<key>/, built by the first process that takes the key's
+    lock while the others (this node's, and other nodes' on a shared file system) wait for
+    it. Built in a temporary folder that is renamed when complete: an interrupted build is
+    never used, and the next run removes it and builds again. `source.part` (part_of): cache
+    the data the split was held out of, and read the split's rows of it."""
+    if source.part is not None:
+        whole = Source(source.part[0], source.image_col, source.label_col)
+        return torch.utils.data.Subset(cached(root, whole, meta, train), source.part[1])
+    folder = cache_folder(root, source.split, source.image_col, source.label_col, meta, train)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = take_lock(root / f"{folder.name}.lock", wait=True)
+    except OSError as e:
+        raise Exit(f"cannot write to --cache_dir {root}: {e.strerror}") from None
+    try:
+        data, damage = (open_cache(folder, source, meta, train) if folder.exists()
+                        else (None, ""))
+        if data is not None:
+            if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+                print(f"cache: reusing {folder} ({len(data)} images)", flush=True)
+            return data
+        if damage:
+            print(f"note: the decoded cache {folder} is {damage}: building it again", flush=True)
+            shutil.rmtree(folder)
+        for stale in root.glob(f"{folder.name}.tmp-*") if lock else []:  # killed builds
+            shutil.rmtree(stale, ignore_errors=True)
+        return build_cache(folder, source, meta, train)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def open_cache(folder: Path, source: Source, meta: dict, train: bool
                ) -> tuple[OnDisk | None, str]:
     """The complete, intact cache in `folder`, or None and what is wrong with it. Every field
     of cache.json must be what the cache's key says, before anything is allocated by it."""
     size, cover = stored(meta, train)
+    split = source.split
     expect = {"shape": [meta["channels"], *size], "rows": len(split), "cover": cover,
               "fingerprint": split._fingerprint, "format": CACHE_FORMAT}
     try:
@@ -1049,7 +2404,7 @@ def open_cache(folder: Path, split, label_col: str, meta: dict, train: bool
         data = OnDisk(folder, info["shape"], torch.from_numpy(labels))
         if (folder / "images.u8").stat().st_size != len(data) * data.row:
             return None, "of the wrong size (truncated?)"
-        if not np.array_equal(labels, labels_of(split, label_col)):
+        if not np.array_equal(labels, labels_of(split, source.label_col)):
             return None, "labelled differently from the data"
         if data.digest() != info["sample_sha256"]:
             data.close()
@@ -1059,50 +2414,13 @@ def open_cache(folder: Path, split, label_col: str, meta: dict, train: bool
         return None, f"unreadable ({first_line(e)})"
 
 
-def cached(root: Path, split, image_col: str, label_col: str, meta: dict, train: bool,
-           stop, part: tuple | None = None):
-    """The split decoded into root/<key>/, built by the first process that takes the key's
-    lock while the others (this node's, and other nodes' on a shared file system) wait for
-    it. Built in a temporary folder that is renamed when complete: an interrupted build is
-    never used, and the next run removes it and builds again. `part` (part_of): cache the
-    data the split was held out of, and read the split's rows of it."""
-    if part is not None:
-        return torch.utils.data.Subset(cached(root, part[0], image_col, label_col, meta,
-                                              train, stop), part[1])
-    folder = cache_folder(root, split, image_col, label_col, meta, train)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        lock = open_lock(root / f"{folder.name}.lock")
-    except OSError as e:
-        raise UsageError(f"cannot write to --cache_dir {root}: {e.strerror}") from None
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed or when this process dies
-        except OSError as e:  # e.g. Lustre mounted without flock: builds may then overlap
-            print(f"warning: cannot lock {root / (folder.name + '.lock')} ({e.strerror}): "
-                  "processes may decode the same split at the same time", flush=True)
-            lock = None
-        data, damage = (open_cache(folder, split, label_col, meta, train) if folder.exists()
-                        else (None, ""))
-        if data is not None:
-            if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-                print(f"cache: reusing {folder} ({len(data)} images)", flush=True)
-            return data
-        if damage:
-            print(f"note: the decoded cache {folder} is {damage}: building it again", flush=True)
-            shutil.rmtree(folder)
-        for stale in root.glob(f"{folder.name}.tmp-*") if lock else []:  # killed builds
-            shutil.rmtree(stale, ignore_errors=True)
-        return build_cache(folder, split, image_col, label_col, meta, train, stop)
-
-
 def with_slack(need: float) -> float:  # bytes: 2% and 1 MiB left for other writers
     return need * 1.02 + 2**20
 
 
-def build_cache(folder: Path, split, image_col: str, label_col: str, meta: dict, train: bool,
-                stop) -> OnDisk:
-    size, cover = stored(meta, train)
+def build_cache(folder: Path, source: Source, meta: dict, train: bool) -> OnDisk:
+    """Decode the split in worker processes into a temporary folder; renamed when complete."""
+    (size, _), split = stored(meta, train), source.split
     shape = (meta["channels"], *size)
     need, free = len(split) * (math.prod(shape) + 8), shutil.disk_usage(folder.parent).free
     full = (f"the decoded cache needs {size_text(need)} in {folder.parent}, which has {{}} free "
@@ -1110,7 +2428,7 @@ def build_cache(folder: Path, split, image_col: str, label_col: str, meta: dict,
             "writers): free some space, pass --cache_dir on a bigger disk, or use --data_mode "
             "stream")
     if with_slack(need) > free:
-        raise DiskFull(full.format(size_text(free)))
+        raise Exit(full.format(size_text(free)), EXIT_FAILED)
     workers = cpu_count() if len(split) > 500 else 0
     tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     print(f"cache: decoding {len(split)} {'training' if train else 'evaluation'} images "
@@ -1118,23 +2436,7 @@ def build_cache(folder: Path, split, image_col: str, label_col: str, meta: dict,
     t0 = time.perf_counter()
     try:
         tmp.mkdir()
-        loader = torch.utils.data.DataLoader(
-            Decoded(split, image_col, label_col, "L" if shape[0] == 1 else "RGB", size, cover),
-            batch_size=256, num_workers=workers, worker_init_fn=ignore_stop_signals)
-        with open(tmp / "images.u8", "wb") as f:
-            for images, _ in tqdm(loader, desc="decoding", disable=not sys.stderr.isatty(),
-                                  leave=False):
-                f.write(images.numpy().data)
-            f.flush()
-            os.fsync(f.fileno())
-        labels = labels_of(split, label_col).astype(np.int64)
-        np.save(tmp / "labels.npy", labels)
-        data = OnDisk(tmp, shape, torch.from_numpy(labels))
-        write_json(tmp / "cache.json", {"shape": list(shape), "rows": len(data),
-                                        "sample_sha256": data.digest(), "cover": cover,
-                                        "fingerprint": split._fingerprint, "format": CACHE_FORMAT,
-                                        "built": datetime.datetime.now().isoformat()})
-        data.close()
+        labels = write_cache(tmp, source, meta, train, workers)
         try:
             os.rename(tmp, folder)
         except OSError:
@@ -1144,417 +2446,169 @@ def build_cache(folder: Path, split, image_col: str, label_col: str, meta: dict,
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFull(full.format(size_text(shutil.disk_usage(folder.parent).free))
-                           ) from None
-        if isinstance(e, Stopped):
-            raise Stopped("while building the decoded cache: nothing to save (the build starts "
-                          "again next time)") from None
+            raise Exit(full.format(size_text(shutil.disk_usage(folder.parent).free)),
+                       EXIT_FAILED) from None
+        if isinstance(e, KeyboardInterrupt) and e.args:  # a stop signal (StopFlag)
+            raise Exit(f"stopped by {e.args[0]} while building the decoded cache: nothing to "
+                       "save (the build starts again next time); exit 75", EXIT_PREEMPTED) \
+                from None
         raise
     took = time.perf_counter() - t0
     print(f"cache: built {folder} in {took:.1f} s ({len(split) / took:.0f} images/s)", flush=True)
-    return OnDisk(folder, shape, data.labels)
+    return OnDisk(folder, shape, labels)
 
 
-@dataclass
-class Data:
-    train: object | None        # prepared loaders; both yield (uint8 images, labels) on the device
-    val: object
-    sampler: EpochSampler       # the training order (its epoch is set directly: see train())
-    meta: dict                  # what rebuilds the preprocessing: stored with the weights
-    resolved: dict              # what the automatic settings became (config.json "resolved")
+def write_cache(tmp: Path, source: Source, meta: dict, train: bool, workers: int):
+    """images.u8, labels.npy, then cache.json (last: it marks the folder complete)."""
+    (size, cover), split = stored(meta, train), source.split
+    shape = (meta["channels"], *size)
+    loader = torch.utils.data.DataLoader(
+        Decoded(split, source.image_col, source.label_col, pil_mode(meta), size, cover),
+        batch_size=256, num_workers=workers, worker_init_fn=ignore_stop_signals)
+    with open(tmp / "images.u8", "wb") as f:
+        for images, _ in tqdm(loader, desc="decoding", disable=not sys.stderr.isatty(),
+                              leave=False):
+            f.write(images.numpy().data)
+        f.flush()
+        os.fsync(f.fileno())
+    labels = labels_of(split, source.label_col).astype(np.int64)
+    np.save(tmp / "labels.npy", labels)
+    data = OnDisk(tmp, shape, torch.from_numpy(labels))
+    write_json(tmp / "cache.json", {"shape": list(shape), "rows": len(data),
+                                    "sample_sha256": data.digest(), "cover": cover,
+                                    "fingerprint": split._fingerprint, "format": CACHE_FORMAT,
+                                    "built": datetime.datetime.now().isoformat()})
+    data.close()
+    return data.labels
 
 
-def worker_count(cfg: Config) -> int:
-    cpus = cpu_count()
-    if cfg.num_workers >= 0:
-        return min(cfg.num_workers, cpus)
-    per_process = cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(0, min(8, per_process - 1))
+# ----------------------------------------------------------------------------- workarounds
+# Each works around a library behaviour (or a fact of the machine) named in its first lines,
+# checked with accelerate 1.15, datasets 5.2, torch 2.14 and torchvision 0.29: when that
+# behaviour changes, the workaround can go.
 
-
-def auto_batch_size(cfg: Config, per_process: int) -> tuple[int, str]:
-    """64 per process, halved (down to 8) until an epoch has MIN_STEPS_PER_EPOCH optimizer
-    steps: 2 steps per epoch barely move a model and leave BatchNorm's averages behind."""
-    batch = 64
-    while batch > 8 and per_process // batch // cfg.gradient_accumulation_steps \
-            < MIN_STEPS_PER_EPOCH:
-        batch //= 2
-    if per_process < batch:
-        return max(1, per_process), (f"note: only {per_process} training images per process, "
-                                     f"fewer than a batch: batch size {max(1, per_process)} "
-                                     "per process (auto)")
-    steps = per_process // batch // cfg.gradient_accumulation_steps
-    note = "" if batch == 64 else (
-        f"note: batch size {batch} per process (auto): {per_process} training images per "
-        f"process make {steps} steps per epoch; --batch_size sets it")
-    return batch, note
-
-
-def stored(meta: dict, train: bool) -> tuple[tuple[int, int], float]:
-    """The size images are decoded to and the `cover` of decode(). Photo recipe: training
-    images keep all of the (centre-squared) image at size / crop_fraction for the random
-    resized crops; evaluation images are the centre crop of that."""
-    h, w = meta["image_size"]
-    if meta.get("recipe") != "photo":
-        return (h, w), 1.0
-    if train:
-        return (round(h / meta["crop_fraction"]), round(w / meta["crop_fraction"])), 1.0
-    return (h, w), meta["crop_fraction"]
-
-
-def decoded_gb(split, meta: dict, train: bool) -> float:
-    (h, w), _ = stored(meta, train)
-    return len(split) * meta["channels"] * h * w / 1e9
-
-
-def make_loader(accelerator, split, image_col: str, label_col: str, meta: dict, mode: str,
-                batch_size: int, workers: int, sampler: EpochSampler | None, seed: int,
-                cache: tuple[Path, StopFlag, tuple | None] | None = None):
-    """A prepared loader of (uint8 images, labels) on the device: from memory, from the
-    decoded cache (`cache`: its root folder, the stop flag, part_of) or streamed."""
-    dataset = Decoded(split, image_col, label_col, "L" if meta["channels"] == 1 else "RGB",
-                      *stored(meta, train=sampler is not None))
-    if mode == "cache":
-        dataset = cached(cache[0], split, image_col, label_col, meta, sampler is not None,
-                         *cache[1:])
-        opts = dict(collate_fn=as_is, num_workers=workers, persistent_workers=workers > 0,
-                    pin_memory=accelerator.device.type == "cuda",
-                    worker_init_fn=ignore_stop_signals)
-    elif mode == "memory":
-        # Decoded once through the same per-sample path; workers only pay off when large.
-        whole = torch.utils.data.DataLoader(dataset, batch_size=512,
-                                            num_workers=workers if len(dataset) > 5000 else 0,
-                                            worker_init_fn=ignore_stop_signals)
-        parts = [batch for batch in whole]
-        dataset = InMemory(torch.cat([p[0] for p in parts]).to(accelerator.device),
-                           torch.cat([p[1] for p in parts]).to(accelerator.device))
-        opts = dict(collate_fn=as_is)
-    else:
-        opts = dict(num_workers=workers, persistent_workers=workers > 0,
-                    pin_memory=accelerator.device.type == "cuda",
-                    worker_init_fn=ignore_stop_signals)
-    # Loader iterators draw their base seed from `generator`; a private one keeps the global
-    # RNG (dropout) independent of how many loaders were started, so resumes stay bit-exact.
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
-                                         drop_last=sampler is not None,
-                                         generator=torch.Generator().manual_seed(seed), **opts)
-    return accelerator.prepare(loader)
-
-
-def pick_mode(cfg: Config, accelerator, splits: list[tuple], meta: dict, image_col: str,
-              label_col: str) -> str:
-    """--data_mode auto: memory if the decoded splits (`splits`: (split, train, part_of))
-    fit the budget, else the cache if it is built or the disk has room for it, else stream."""
-    if cfg.data_mode != "auto":
-        return cfg.data_mode
-    gb = sum(decoded_gb(split, meta, train) for split, train, _ in splits)
-    why = f"{gb:.3f} GB decoded, --memory_budget_gb {cfg.memory_budget_gb}"
-    mode = "memory"
-    if gb > cfg.memory_budget_gb:
-        root = cache_root(cfg)
-        folders = {cache_folder(root, part[0] if part else split, image_col, label_col, meta,
-                                train): decoded_gb(part[0] if part else split, meta, train)
-                   for split, train, part in splits}  # both splits may share one
-        need = 1e9 * sum(gb for f, gb in folders.items() if not (f / "cache.json").exists())
-        existing = next(p for p in [root, *root.parents] if p.exists())
-        free = shutil.disk_usage(existing).free
-        mode = "cache" if with_slack(need) <= free else "stream"
-        why += (f"; cache {root}: {size_text(need)} to build, {size_text(free)} free"
-                if need else f"; cache {root}: built")
-    print0(accelerator, f"data: {mode} mode ({why})")
-    return mode
-
-
-def build_data(cfg: Config, accelerator, hub: str | None, stop: StopFlag) -> Data:
-    with accelerator.main_process_first():  # Hub / imagefolder caches are written once
-        s = load_splits(cfg, hub)
-    sizes, colour = probe_images(s.source_train, s.image_col)  # the same for every --seed
-    stats = None
-    if cfg.pretrained:  # the weights' own preprocessing: normalization and size
-        preset = pretrained_weights(cfg).transforms()
-        stats = {"mean": list(preset.mean), "std": list(preset.std)}
-        fraction = preset.crop_size[0] / preset.resize_size[0]  # unless set to another value
-        cfg = dataclasses.replace(cfg, image_size=cfg.image_size or preset.crop_size[0],
-                                  crop_fraction=fraction if cfg.crop_fraction
-                                  == Config.crop_fraction else cfg.crop_fraction)
-    props, note = image_properties(cfg, cfg.model, sizes, colour)
-    h, w = props["image_size"]
-    meta = {**props, **(stats or {"mean": [0.5] * props["channels"],
-                                  "std": [0.5] * props["channels"]}),
-            "class_names": s.class_names, "num_classes": len(s.class_names), "model": cfg.model,
-            "crop_padding": cfg.crop_padding if cfg.crop_padding >= 0 else min(h, w) // 8,
-            "recipe": cfg.recipe if cfg.recipe != "auto" else "photo" if min(h, w) >= 64
-            else "small", "crop_scale": cfg.crop_scale, "crop_ratio": cfg.crop_ratio,
-            "crop_fraction": cfg.crop_fraction}
-    if meta["crop_padding"] > min(h, w):  # a padded batch of 3,000 px took 3.5 GB
-        raise UsageError(f"--crop_padding {cfg.crop_padding} is more than the image side "
-                         f"({min(h, w)} px): use at most {min(h, w)}, or -1 (auto)")
-    per_process = len(s.train) // accelerator.num_processes
-    if per_process == 0:
-        raise UsageError(f"{len(s.train)} training images cannot be shared by "
-                         f"{accelerator.num_processes} processes; use fewer processes")
-    batch_note = ""
-    if cfg.batch_size:
-        batch = cfg.batch_size
-        if per_process < batch:
-            raise UsageError(f"{len(s.train)} training images make no full batch of "
-                             f"--batch_size {batch} on each of {accelerator.num_processes} "
-                             "processes; lower --batch_size (or leave it out: automatic)")
-    else:
-        batch, batch_note = auto_batch_size(cfg, per_process)
-    for line in [*s.notes, note, batch_note]:
-        if line:
-            print0(accelerator, line)
-    parts = part_of(s, meta, True), part_of(s, meta, False)
-    mode = pick_mode(cfg, accelerator, [(s.train, True, parts[0]), (s.val, False, parts[1])],
-                     meta, s.image_col, s.label_col)
-    workers = worker_count(cfg)
-    if cfg.num_workers > workers:
-        print0(accelerator, f"note: --num_workers {cfg.num_workers} capped at {workers} (CPU "
-                            "cores)")
-    sampler = EpochSampler(len(s.train), cfg.seed)
-    args = (s.image_col, s.label_col, meta, mode, batch, workers)
-    cache = (cache_root(cfg), stop)
-    train = make_loader(accelerator, s.train, *args, sampler, cfg.seed, (*cache, parts[0]))
-    val = make_loader(accelerator, s.val, *args, None, cfg.seed, (*cache, parts[1]))
-    resolved = {"batch_size": batch, "image_size": [h, w], "channels": props["channels"],
-                "hflip": props["hflip"], "crop_padding": meta["crop_padding"],
-                "recipe": meta["recipe"],
-                "data_mode": mode, "num_workers": workers, "image_column": s.image_col,
-                **({"cache_dir": str(cache[0])} if mode == "cache" else {}),
-                "label_column": s.label_col, "train_count": len(s.train),
-                "val_count": len(s.val)}
-    return Data(train, val, sampler, meta, resolved)
-
-
-def load_eval_split(cfg: Config, given: set[str], meta: dict, hub: str | None):
-    """--eval_only: what to evaluate. The weights' own data (no --dataset, no --split): the
-    validation split they were trained with, held out again with the same seed if need be.
-    Otherwise --split of the data, else its validation/test split, else all of it. Returns
-    the split, its columns, what it is, and part_of for the decoded cache."""
-    own = meta["data"]
-    same = "dataset" not in given or cfg.dataset == own["dataset"]
-    if same:  # the data flags it was trained with, unless given
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in own.items() if k not in given})
-    if same and "split" not in given:
-        s = load_splits(cfg, hub)
-        return (s.val, s.image_col, s.label_col, "the validation split of the training data",
-                part_of(s, meta, False))
-    source, _ = load_source(cfg, hub)
-    if isinstance(source, datasets.DatasetDict):
-        name = cfg.split or next((n for n in VAL_SPLITS if n in source),
-                                 "train" if "train" in source else next(iter(source)))
-        if name not in source:
-            raise UsageError(f"--split {name}: no such split in {cfg.dataset}; its splits are "
-                             f"{listing(source)}")
-        split, what = source[name], f"split '{name}'"
-    elif cfg.split:
-        raise UsageError(f"--split {cfg.split}: {cfg.dataset} has no splits; leave --split out "
-                         "to evaluate all of it")
-    else:
-        split, what = source, "all of it"
-    if len(split) == 0:
-        raise UsageError(f"{what} of {cfg.dataset} is empty")
-    image_col, label_col, _ = find_columns(split, cfg.image_column, cfg.label_column)
-    split = align_classes(split, label_col, meta["class_names"], "the model's classes")
-    split = split.cast_column(image_col, datasets.Image(decode=False))
-    return split, image_col, label_col, f"{what} of {cfg.dataset}", None
-
-
-# ----------------------------------------------------------------------------- augmentation
-
-@functools.cache
-def crop_indices(h: int, w: int, padding: int, device):
-    """Flat indices into a zero-padded image: the unshifted h x w window, the same mirrored,
-    and the (2p+1)^2 offsets of the shifted windows."""
-    wide = w + 2 * padding
-    rows = torch.arange(h, device=device).view(h, 1) * wide
-    cols = torch.arange(w, device=device)
-    shifts = torch.arange(2 * padding + 1, device=device)
-    return ((rows + cols).flatten(), (rows + cols.flip(0)).flatten(),
-            (shifts.view(-1, 1) * wide + shifts).flatten())
-
-
-def augment(images, padding: int, hflip: bool, gen):
-    """Random crop with zero padding and random horizontal flip, per image, on the device: both
-    are one gather from the padded batch. On a CPU every op counts (~30 us each next to a small
-    model's step), so the indices are cached and the random draws index them."""
-    n, c, h, w = images.shape
-    if not (padding or hflip):
-        return images
-    plain, mirrored, offsets = crop_indices(h, w, padding, images.device)
-    window = plain
-    if hflip:
-        flip = torch.rand(n, 1, generator=gen, device=images.device) < 0.5
-        window = torch.where(flip, mirrored, plain)
-    pick = torch.randint(0, len(offsets), (n, 1), generator=gen, device=images.device)
-    index = window + offsets[pick]  # n x (h * w)
-    padded = F.pad(images, (padding,) * 4).flatten(2)
-    return padded.gather(2, index.unsqueeze(1).expand(n, c, h * w)).view(n, c, h, w)
-
-
-def resized_crop(images, size: list[int], min_scale: float, hflip: bool, gen,
-                 max_ratio: float = 4 / 3):
-    """The photo recipe's training crop: torchvision's RandomResizedCrop (area min_scale..1 of
-    the image, aspect ratio 1/max_ratio..max_ratio drawn log-uniformly; a box wider than the
-    image is clipped to it where torchvision draws again) and a horizontal flip, for the whole
-    batch on the device: one roi_align (bilinear, 2x2 samples per output pixel), each image
-    its own box. Returns float pixels, 0-255."""
-    n, _, t, s = images.shape
-    u = torch.rand(n, 5, generator=gen, device=images.device)
-    area = (min_scale + (1 - min_scale) * u[:, 0]) * t * s
-    ratio = torch.exp(math.log(max_ratio) * (2 * u[:, 1] - 1))
-    w, h = (area * ratio).sqrt().clamp(max=s), (area / ratio).sqrt().clamp(max=t)
-    x0, y0 = u[:, 2] * (s - w), u[:, 3] * (t - h)
-    boxes = torch.stack([torch.arange(n, device=images.device, dtype=torch.float), x0, y0,
-                         x0 + w, y0 + h], 1)
-    out = torchvision.ops.roi_align(images.float(), boxes, list(size), 1.0, 2, aligned=True)
-    if hflip:
-        out = torch.where((u[:, 4] < 0.5).view(n, 1, 1, 1), out.flip(3), out)
-    return out
-
-
-def augment_batch(images, meta: dict, gen):
-    """The training recipe's augmentation of a uint8 batch on the device (see --recipe)."""
-    if meta["recipe"] == "photo":
-        return resized_crop(images, meta["image_size"], meta["crop_scale"], meta["hflip"], gen,
-                            meta["crop_ratio"])
-    return augment(images, meta["crop_padding"], meta["hflip"], gen)
-
-
-def normalizer(meta: dict, device):
-    """(scale, shift) with (x / 255 - mean) / std == x * scale - shift, made once per loop."""
-    mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
-    std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
-    return 1 / (255 * std), mean / std
-
-
-def to_input(images, norm, channels_last: bool):
-    """uint8 images -> normalized float input."""
-    x = images.float().mul_(norm[0]).sub_(norm[1])
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-# ----------------------------------------------------------------------------- model
-
-def conv_block(cin: int, cout: int) -> list:
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-            nn.ReLU(inplace=True)]
-
-
-def cnn(channels: int, num_classes: int, image_size: int):
-    """Conv-BN-ReLU blocks that double the width and halve the resolution down to 4 px, a last
-    block, global average pooling and a linear head: 99% on 8x8 digits in about a second."""
-    width, size, layers = 16, image_size, conv_block(channels, 16)
-    while size > 4:
-        layers += conv_block(width, min(2 * width, 256)) + [nn.MaxPool2d(2)]
-        width, size = min(2 * width, 256), size // 2
-    layers += conv_block(width, min(2 * width, 256))
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(min(2 * width, 256), num_classes))
-
-
-def check_model_name(name: str) -> None:
-    known = torchvision.models.list_models(module=torchvision.models)
-    if name != "cnn" and name not in known:
-        close = difflib.get_close_matches(name, known + ["cnn"], n=3)
-        raise UsageError(f"--model {name}: not 'cnn' or a torchvision classifier"
-                         + (f"; did you mean {', '.join(close)}?" if close else ""))
-
-
-def build_model(meta: dict, batch_size: int = 2, probe: bool = True):
-    name = meta["model"]
-    if name == "cnn":
-        return cnn(meta["channels"], meta["num_classes"], min(meta["image_size"]))
-    check_model_name(name)
-    # Auxiliary heads would make the training forward return a tuple instead of logits.
-    extra = {"aux_logits": False} if name in ("googlenet", "inception_v3") else {}
-    model = torchvision.models.get_model(name, weights=None, num_classes=meta["num_classes"],
-                                         **extra)
-    if not probe:
-        return model
-    shape = f"{meta['channels']}x{meta['image_size'][0]}x{meta['image_size'][1]}"
-    try:  # e.g. inception_v3 needs 75 px or more: say so now, not as a traceback mid-run
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, meta["channels"], *meta["image_size"]))
-    except (RuntimeError, ValueError, AssertionError) as e:
-        raise UsageError(f"--model {name} cannot take {shape} images ({first_line(e)}); "
-                         "choose another --image_size") from None
-    if batch_size == 1:  # BatchNorm cannot normalize one value per channel
-        try:
-            with torch.no_grad():
-                torchvision.models.get_model(name, num_classes=meta["num_classes"], **extra
-                                             ).train()(torch.zeros(1, meta["channels"],
-                                                                   *meta["image_size"]))
-        except ValueError as e:
-            raise UsageError(f"--batch_size 1 is too small for --model {name} at {shape} "
-                             f"({first_line(e)}); use --batch_size 2 or more") from None
-    return model.train()
-
-
-def head_names(model) -> set[str]:
-    """The classifier head: the parameters of the last linear layer (resnet's fc, vit's
-    heads.head, efficientnet's classifier.1, the cnn's last layer)."""
-    last = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
-    return {f"{last}.{p}" for p, _ in model.get_submodule(last).named_parameters()}
-
-
-def make_ema(cfg: Config, model):
-    """torch's AveragedModel with an EMA update, BatchNorm buffers averaged too; the same on
-    every process (it averages the synchronized weights)."""
-    if not cfg.ema_decay:
-        return None
-    swa = torch.optim.swa_utils
-    return swa.AveragedModel(model, multi_avg_fn=swa.get_ema_multi_avg_fn(cfg.ema_decay),
-                             use_buffers=True)
-
-
-def ema_state(ema) -> dict:
-    return {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
-
-
-def load_ema(ema, checkpoint: Path) -> None:
-    if not (checkpoint / "ema.safetensors").exists():
-        raise UsageError(f"checkpoint {checkpoint} holds no EMA (it was written without "
-                         "--ema_decay): resume without it, or start over")
-    state = safetensors.torch.load_file(str(checkpoint / "ema.safetensors"))
-    ema.load_state_dict({k: v.to(ema.n_averaged.device) for k, v in state.items()})
-
-
-def make_optimizer(cfg: Config, model):
-    """Two parameter groups, backbone and head; each carries an `lr_scale` that the loop
-    applies to lr_at(step). --freeze_backbone leaves the backbone out (and frozen)."""
-    head = head_names(model)
-    groups = [{"params": [p for n, p in model.named_parameters() if n in head],
-               "lr_scale": cfg.head_lr_scale}]
-    if not cfg.freeze_backbone:
-        groups.insert(0, {"params": [p for n, p in model.named_parameters() if n not in head],
-                          "lr_scale": 1.0})
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in head or not cfg.freeze_backbone)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay)
-
-
-def pretrained_weights(cfg: Config):
-    """torchvision's weights enum member for --model/--pretrained, or a one-line refusal."""
+def busy_cores(seconds: float = 0.1) -> float:
+    """How many of this process's cores other processes keep busy right now (/proc/stat over
+    `seconds`, while this process sleeps); 0 where that cannot be read."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            rows = [line.split() for line in f if line.startswith("cpu")]
+        mine = [r for r in rows if r[0][3:].isdigit() and int(r[0][3:]) in os.sched_getaffinity(0)]
+        ticks = [list(map(int, r[1:9])) for r in mine]
+        return sum(map(sum, ticks)), sum(t[3] + t[4] for t in ticks)  # all, idle + iowait
     try:
-        enum = torchvision.models.get_model_weights(cfg.model)
-        return enum[cfg.pretrained] if cfg.pretrained != "DEFAULT" else enum.DEFAULT
-    except (KeyError, ValueError, AttributeError):
-        names = [w.name for w in torchvision.models.get_model_weights(cfg.model)]
-        raise UsageError(f"--pretrained {cfg.pretrained}: --model {cfg.model} has weights "
-                         f"{listing(names)} (or DEFAULT)") from None
+        (all0, idle0), _, (all1, idle1) = sample(), time.sleep(seconds), sample()
+    except (OSError, ValueError, AttributeError):  # not Linux
+        return 0.0
+    return (all1 - all0 - (idle1 - idle0)) / os.sysconf("SC_CLK_TCK") / seconds
+
+
+def choose_wait_policy() -> str:
+    """OpenMP (libgomp) threads spin while they wait for work. With another busy process on 2
+    cores that made the default run take 39-77 s instead of ~9 s; passive waiting fixes it,
+    but on a quiet machine it doubled the small CNN's training time. So: passive only when
+    other processes keep this process's cores busy at start-up, and never over the user's
+    choice. Before torch is imported (libgomp reads it once). Returns a note, or ''."""
+    if "OMP_WAIT_POLICY" in os.environ:
+        return ""
+    busy = busy_cores()
+    if busy < 0.5:
+        return ""
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return (f"note: other processes keep {busy:.1f} of this process's {cpu_count()} cores "
+            "busy: OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE)")
+
+
+def hub_access(dataset: str) -> str | None:
+    """huggingface_hub retries an unreachable Hub 5 times (~28 s) before it fails. For a Hub
+    id, before `datasets` is imported: 'offline' (HF_HUB_OFFLINE set), 'online', or
+    'unreachable', which sets HF_HUB_OFFLINE=1 so that a cached copy loads at once and a
+    missing one fails at once."""
+    if dataset == "digits" or Path(dataset).expanduser().exists() or dataset.startswith(
+            (".", "/", "~")) or dataset.count("/") > 1:
+        return None
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "offline"
+    if reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co")):
+        return "online"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return "unreachable"
+
+
+def reachable(url: str) -> bool:
+    """Whether url's host answers within ~3 s (a stuck DNS lookup included)."""
+    host = urllib.parse.urlparse(url)
+    reached: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host.hostname, host.port or 443), timeout=3).close()
+            reached.append(True)
+        except OSError:
+            pass
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(3.5)
+    return bool(reached)
+
+
+def labels_of(split, label_col: str):
+    """A label column as one array. datasets formats `split[col]` row by row, and the numpy
+    format element by element: 1.5 s and 0.3 s for 40,000 rows, at every start."""
+    return np.asarray(split.select_columns([label_col])[:][label_col])
+
+
+class EpochSampler:
+    """A permutation that depends only on (seed, epoch). Accelerate's seedable sampler does the
+    same but pickles itself, dataset included, into every checkpoint; the epoch number is
+    already in our loop state."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(epoch_permutation(self.n, self.seed, self.epoch).tolist())
+
+
+def epoch_permutation(n: int, seed: int, epoch: int):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def follow_umask(path: Path) -> None:
+    """safetensors 0.8 writes its files with mode 0600 whatever the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path.chmod(0o666 & ~mask)
+
+
+def check_random_states(path: Path) -> None:
+    """Accelerate's load_state catches any error restoring the random states and only logs it
+    (at info level, on the main process), so a resume would go on without them. Each file is
+    restored into throwaway generators first, with Accelerate's own loader."""
+    try:
+        states = accelerate.utils.load(path)
+        random.Random().setstate(states["random_state"])
+        np.random.RandomState().set_state(states["numpy_random_seed"])
+        torch.Generator().set_state(states["torch_manual_seed"])
+        if torch.cuda.is_available():
+            for state in states["torch_cuda_manual_seed"]:
+                torch.Generator("cuda").set_state(state)
+    except Exception as e:
+        raise Exit(f"{path.name} does not restore the random states ({first_line(e)})") \
+            from None
 
 
 def pretrained_state(weights) -> tuple[dict, str]:
-    """torchvision's weights file, read safely. torchvision 0.29 reads it with torch.hub's
-    load_state_dict_from_url, which unpickles with weights_only=False: a file planted in its
-    place would run code. Here its sha256 must begin with the hash that torchvision puts in
-    the file name, and it is read with weights_only=True; a missing file is downloaded (by
-    torch.hub, which checks the same hash)."""
+    """torchvision reads its weights file through torch.hub's load_state_dict_from_url, which
+    unpickles with weights_only=False: a file planted in its place would run code. Here the
+    file's sha256 must begin with the hash in its name, and it is read with weights_only=True;
+    a missing file is downloaded by torch.hub, which checks the same hash."""
     file = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     expected = torch.hub.HASH_REGEX.search(file.name)
     try:
@@ -1566,1070 +2620,27 @@ def pretrained_state(weights) -> tuple[dict, str]:
                                            hash_prefix=expected and expected.group(1))
         digest = file_digest(file)
         if expected and not digest.startswith(expected.group(1)):
-            raise UsageError(f"--pretrained: {file} is not torchvision's file: its sha256 begins "
-                             f"{digest[:8]}, its name says {expected.group(1)}; delete it, or "
-                             f"put {weights.url} there")
+            raise Exit(f"--pretrained: {file} is not torchvision's file: its sha256 begins "
+                       f"{digest[:8]}, its name says {expected.group(1)}; delete it, or put "
+                       f"{weights.url} there")
         return torch.load(file, map_location="cpu", weights_only=True), f"{weights} ({file})"
-    except UsageError:
+    except Exit:
         raise
     except Exception as e:  # offline, a damaged file, a pickle that is not plain tensors
-        raise UsageError(f"--pretrained: cannot read {file} ({first_line(e)}); put "
-                         f"{weights.url} there") from None
-
-
-def starting_state(cfg: Config) -> tuple[dict, str]:
-    """The tensors to start from (--pretrained or --init_from) and where they came from."""
-    if cfg.pretrained:
-        return pretrained_state(pretrained_weights(cfg))
-    path = Path(cfg.init_from)
-    if path.is_dir() or path.suffix == ".safetensors":
-        return read_weights(str(path), "--init_from")[0], str(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        if not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError("not a state dict of tensors")
-        return state, str(path)
-    except Exception as e:
-        raise UsageError(f"--init_from {path}: not a run directory, model.safetensors or "
-                         f"state dict ({first_line(e)})") from None
-
-
-def load_start(cfg: Config, model, start: tuple[dict, str]) -> str:
-    """Load the tensors of --pretrained / --init_from that fit the model; a head of another
-    class count (or anything else that does not fit) keeps its fresh initialisation."""
-    state, source = start
-    own = model.state_dict()
-    fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    new = [k for k in own if k not in fits]
-    if len(fits) < len(own) / 2:
-        raise UsageError(f"{source}: only {len(fits)} of {len(own)} tensors fit --model "
-                         f"{cfg.model}: weights of another architecture?")
-    model.load_state_dict(fits, strict=False)
-    return (f"start: {len(fits)} of {len(own)} tensors from {source}"
-            + (f"; new: {listing(new, 4)}" if new else "")
-            + ("; backbone frozen" if cfg.freeze_backbone else ""))
-
-
-def mixer(cfg: Config, num_classes: int):
-    """torchvision's batch MixUp / CutMix (random draws from torch's RNG, which checkpoints
-    keep), or None. They turn the labels into class probabilities for the cross-entropy."""
-    from torchvision.transforms import v2
-    mixes = [mix(alpha=alpha, num_classes=num_classes)
-             for mix, alpha in ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix)) if alpha]
-    return None if not mixes else mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
-
-
-def lr_at(step: int, total: int, cfg: Config) -> float:
-    """Learning rate of optimizer step `step` (0-based) out of `total`. Computed, not stepped:
-    a scheduler passed through accelerate.prepare() steps once per process."""
-    warmup = cfg.warmup_steps or (total // 4 if cfg.schedule == "onecycle" else 0)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.schedule == "onecycle":
-        return cfg.lr * (1 - progress)
-    return cfg.lr
-
-
-# ----------------------------------------------------------------------------- run directory
-
-@dataclass
-class LoopState:
-    """All mutable training state besides Accelerate's; stored as JSON in every checkpoint."""
-    epoch: int = 0              # epochs finished (the current one, 0-based)
-    batch: int = 0              # micro-batches of this epoch already trained, per process
-    step: int = 0               # optimizer steps so far
-    evaluated: int = 0          # epochs whose evaluation is done (it follows their checkpoint)
-    best_val_acc: float = -1.0
-    skipped_steps: int = 0      # steps dropped by --nan_policy skip
-    train_time_s: float = 0.0   # summed over resumes
-    epoch_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss*n, correct, n
-    last_metrics: dict = field(default_factory=dict)  # the last finished epoch's metrics
-
-
-def check_loop_state(state: LoopState, batches: int, accum: int, where: Path) -> None:
-    """A checkpoint's loop state must be one this run can reach: a batch index past the epoch
-    would make the resumed loop skip forever."""
-    per_epoch = -(-batches // accum)
-    if not (state.epoch >= 0 and 0 <= state.batch < batches and 0 <= state.evaluated
-            <= state.epoch and state.step == state.epoch * per_epoch + -(-state.batch // accum)):
-        raise UsageError(f"{where / 'loop_state.json'} does not fit this run (epoch "
-                         f"{state.epoch}, batch {state.batch} of {batches}, step {state.step}): "
-                         "damaged or edited; --resume another checkpoint")
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_json(path: Path, obj) -> None:
-    """Write-then-rename, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def open_regular(path: Path, follow: bool = True):
-    """A regular file opened for reading, or ValueError: never a device, a FIFO (opening one
-    would wait for a writer) or, with follow=False, a link."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW))
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ValueError(f"{path} is not a regular file")
-    return open(fd, "rb")
-
-
-def file_digest(path: Path, follow: bool = True) -> str:
-    """sha256 of a regular file, read up to the size it had when opened."""
-    digest = hashlib.sha256()
-    with open_regular(path, follow) as f:
-        left = os.fstat(f.fileno()).st_size
-        while left > 0 and (chunk := f.read(min(1 << 20, left))):
-            digest.update(chunk)
-            left -= len(chunk)
-    return digest.hexdigest()
-
-
-def read_json(path: Path, limit: int = 1 << 24):
-    """A JSON file of at most `limit` bytes that is a regular file (a forged or edited one may
-    be anything); ValueError otherwise."""
-    with open_regular(path) as f:
-        if os.fstat(f.fileno()).st_size > limit:
-            raise ValueError(f"{path} is larger than {size_text(limit)}")
-        return json.loads(f.read(limit))
-
-
-def checkpoint_ok(path: Path) -> tuple[bool, str]:
-    """A checkpoint is complete when loop_state.json (written last) lists every file with
-    its size and sha256 and they all match: plain files of the checkpoint directory only,
-    never followed out of it. Its loop state and random states must load as well."""
-    try:
-        saved = read_json(path / "loop_state.json")
-        for name, (size, digest) in saved["files"].items():
-            if not (isinstance(name, str) and name == Path(name).name and name not in ("", "..")
-                    and isinstance(size, int)):
-                return False, f"loop_state.json names {name!r}, not a file of the checkpoint"
-            if (path / name).lstat().st_size != size or \
-                    file_digest(path / name, follow=False) != digest:
-                return False, f"{name} does not match its recorded size and sha256"
-        if not isinstance(saved["identity"], dict):
-            return False, "loop_state.json holds no run identity"
-        loop_state(saved["loop"], path)
-        for name in saved["files"]:
-            if name.startswith("random_states_"):
-                check_random_states(path / name)
-        return True, ""
-    except UsageError as e:
-        return False, str(e)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return False, f"{type(e).__name__}: {e}"
-
-
-def check_random_states(path: Path) -> None:
-    """Workaround: accelerate 1.15's load_state catches any error restoring the random states
-    and only logs it (at info level, on the main process), so a resume would go on without
-    them. Each file is restored into throwaway generators first, with accelerate's loader."""
-    try:
-        states = accelerate.utils.load(path)
-        random.Random().setstate(states["random_state"])
-        np.random.RandomState().set_state(states["numpy_random_seed"])
-        torch.Generator().set_state(states["torch_manual_seed"])
-        if torch.cuda.is_available():
-            for state in states["torch_cuda_manual_seed"]:
-                torch.Generator("cuda").set_state(state)
-    except Exception as e:
-        raise UsageError(f"{path.name} does not restore the random states "
-                         f"({first_line(e)})") from None
-
-
-def loop_state(saved, where: Path) -> LoopState:
-    """The loop state of a checkpoint, each field of the type it is written with, and the
-    metrics that resuming at that point reports."""
-    def wrong(what: str) -> UsageError:
-        return UsageError(f"{where / 'loop_state.json'}: {what}: damaged or edited; --resume "
-                          "another checkpoint")
-    try:
-        state = LoopState(**saved)
-    except TypeError as e:
-        raise wrong(first_line(e)) from None
-    for f in fields(LoopState):
-        value, kind = getattr(state, f.name), type(getattr(LoopState(), f.name))
-        if not (type(value) is kind or kind is float and type(value) is int):
-            raise wrong(f"{f.name} is {value!r}, not {kind.__name__}")
-    need = ["train_loss", "train_acc", "epoch_time_s", "images_per_s"] if state.epoch else []
-    need += ["val_loss", "val_acc"] if state.evaluated and state.evaluated == state.epoch else []
-    if len(state.epoch_sums) != 3 or not all(
-            type(v) in (int, float) for v in [*state.epoch_sums,
-                                              *(state.last_metrics.get(k) for k in need)]):
-        raise wrong("epoch_sums or last_metrics incomplete")
-    return state
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint directories, newest first (half-written ones live under .tmp_ names)."""
-    root = run_dir / "checkpoints"
-    found = root.glob("step_*") if root.is_dir() else []
-    return sorted((p for p in found if p.name[5:].isdigit()), key=lambda p: p.name, reverse=True)
-
-
-def save_checkpoint(accelerator, run_dir: Path, state: LoopState, identity: dict,
-                    keep: int, ema=None) -> Path:
-    """Crash-safe: every process writes into a temporary directory, the main process records
-    the manifest last, renames the directory into place, and only then prunes old ones."""
-    root = run_dir / "checkpoints"
-    final, tmp = root / f"step_{state.step:08d}", root / f".tmp_step_{state.step:08d}"
-    if final.exists() and checkpoint_ok(final)[0]:
-        return final  # e.g. stopped again right after resuming from it
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(tmp))  # model, optimizer, scaler, RNG of every process
-    except Exception as e:  # torch.save reports a full disk as "file write failed"
-        if shutil.disk_usage(root).free > 4 * sum(p.stat().st_size for p in tmp.iterdir()) \
-                + 2**20:
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from e
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if ema is not None:  # safetensors, not Accelerate's pickled custom state
-            safetensors.torch.save_file(ema_state(ema), str(tmp / "ema.safetensors"))
-        mode = 0o666 & ~current_umask()  # safetensors writes 0600 whatever the umask
-        for p in tmp.iterdir():
-            p.chmod(mode)
-        files = {p.name: [p.stat().st_size, file_digest(p)] for p in sorted(tmp.iterdir())}
-        write_json(tmp / "loop_state.json", {"loop": asdict(state), "identity": identity,
-                                             "files": files})
-        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same step
-        os.replace(tmp, final)
-        dir_fd = os.open(root, os.O_RDONLY)
-        os.fsync(dir_fd)
-        os.close(dir_fd)
-        for old in checkpoints(run_dir)[keep:] if keep else []:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob(".tmp_step_*"):
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def pick_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
-    """--resume auto: the newest checkpoint that verifies; none: None; else the given path."""
-    if cfg.resume == "none":
-        return None
-    if cfg.resume != "auto":
-        path = Path(cfg.resume)
-        ok, why = checkpoint_ok(path)
-        if not ok:
-            raise UsageError(f"--resume {cfg.resume} is not a complete checkpoint ({why}); "
-                             "use --resume auto to take the newest complete one")
-        return path
-    for path in checkpoints(run_dir):
-        ok, why = checkpoint_ok(path)
-        if ok:
-            return path
-        print(f"warning: skipping damaged checkpoint {path} ({why})", flush=True)
-    return None
-
-
-def open_lock(path: Path):
-    """A lock file, created if need be, opened without following links: one that is a symbolic
-    or hard link to another file is refused, since the run lock's file is rewritten."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
-    except OSError as e:
-        if e.errno != errno.ELOOP:
-            raise
-        fd = None
-    if fd is not None:
-        info = os.fstat(fd)
-        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
-            return open(fd, "r+")
-        os.close(fd)
-    raise UsageError(f"{path} is not a plain file of its own (a link?); remove it")
-
-
-def lock_run_dir(run_dir: Path):
-    """An exclusive lock on run_dir/.lock, held until this process ends: the OS drops it on
-    any exit, kill -9 included, so a lock is never stale. Returns the open file (the lock)."""
-    lock = open_lock(run_dir / ".lock")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno not in (errno.EAGAIN, errno.EACCES):  # e.g. Lustre mounted without flock
-            print(f"warning: cannot lock {run_dir} ({e.strerror}): two runs in this directory "
-                  "are not prevented", flush=True)
-            return lock
-        lock.seek(0)
-        holder = lock.read(200).strip() or "starting"
-        lock.close()
-        raise UsageError(f"{run_dir} is in use by another run ({holder}); wait for it to end "
-                         "or use another --output_dir") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"host {socket.gethostname()}, pid {os.getpid()}, since "
-               f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n")
-    lock.flush()
-    return lock
-
-
-RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "model.safetensors", "checkpoints",
-             "tensorboard")
-
-
-def prepare_run_dir(cfg: Config, run_dir: Path, identity: dict, accelerator
-                    ) -> tuple[Path | None, object]:
-    """Lock the directory, then decide, identically on every process, whether this is a new run,
-    a resume, or another run's directory (refused). Returns the checkpoint to resume from, if
-    any, and the lock (held by the main process)."""
-    answer, lock = [""], None
-    if accelerator.is_main_process:
-        created = not run_dir.exists()
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            lock = lock_run_dir(run_dir)
-            answer = [str(pick_checkpoint(cfg, run_dir) or "") if not cfg.overwrite else ""]
-        except OSError as e:  # a full disk is exit 1, like a full disk later on
-            answer = [e if e.errno in (errno.ENOSPC, errno.EDQUOT) else
-                      UsageError(f"cannot write to --output_dir {run_dir}: {e}")]
-        except UsageError as e:  # in use, or a damaged --resume PATH
-            answer = [e]
-        if isinstance(answer[0], Exception) and created and (
-                lock is not None or isinstance(answer[0], OSError)):  # not: in use by another
-            shutil.rmtree(run_dir, ignore_errors=True)  # refused: leave no empty directory
-    accelerate.utils.broadcast_object_list(answer)  # the main process hashes; all follow
-    if isinstance(answer[0], Exception):
-        raise answer[0]
-    resume = Path(answer[0]) if answer[0] else None
-    if resume is not None:
-        saved = read_json(resume / "loop_state.json")["identity"]
-        diff = [k for k in identity if k in saved and saved[k] != identity[k]]  # older: fewer
-        if diff:
-            raise UsageError(
-                f"checkpoint {resume} belongs to a different run: " + "; ".join(
-                    f"{k} was {saved.get(k)!r}, now {identity[k]!r}" for k in diff)
-                + ". Use the same settings, another --output_dir, or --resume none --overwrite")
-        if (run_dir / "results.json").exists() and cfg.resume == "auto":
-            raise UsageError(f"{run_dir} holds a finished run (results.json); use another "
-                             "--output_dir, or --overwrite to train it again")
-        return resume, lock
-    old = {}
-    if (run_dir / "config.json").exists():
-        try:
-            old = dict(read_json(run_dir / "config.json").get("identity", {}))
-        except (OSError, ValueError, TypeError, AttributeError):
-            old = {"unreadable": True}
-    other = [f for f in RUN_FILES if (run_dir / f).exists()]
-    same = old and all(old.get(k) == identity[k] for k in identity)
-    finished = "results.json" in other or "model.safetensors" in other
-    if other and not cfg.overwrite and (finished or not same or checkpoints(run_dir)):
-        raise UsageError(f"{run_dir} already holds another run ({', '.join(other)}); use another "
-                         "--output_dir, or --overwrite to replace it")
-    accelerator.wait_for_everyone()  # everyone has looked before anything is removed
-    if accelerator.is_main_process:
-        for f in other:
-            target = run_dir / f
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-    return None, lock
-
-
-class MetricsLog:
-    """metrics.jsonl (main process) plus the Accelerate trackers; one event per line."""
-
-    def __init__(self, accelerator, run_dir: Path, resumed: LoopState | None):
-        self.accelerator, self.path = accelerator, run_dir / "metrics.jsonl"
-        if accelerator.is_main_process and self.path.exists():
-            # Keep what happened up to the checkpoint; drop the rest (and any torn last line),
-            # and an evaluation that the resumed run will repeat.
-            kept = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if resumed is not None and (event["step"] < resumed.step or (
-                        event["step"] == resumed.step and not (
-                            event["event"] == "eval" and resumed.evaluated < resumed.epoch))):
-                    kept.append(line + "\n")
-            tmp = self.path.with_name("metrics.jsonl.tmp")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, self.path)
-
-    def __call__(self, event: str, step: int, epoch: int, **values) -> None:
-        """`epoch`: 1-based, the epoch in progress (train) or just finished (eval)."""
-        if self.accelerator.is_main_process:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"event": event, "step": step, "epoch": epoch, **values})
-                        + "\n")
-        scalars = {f"{event}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
-        self.accelerator.log(scalars, step=step)
-
-
-def save_weights(model, path: Path, meta: dict) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    # One metadata key holding sorted JSON: safetensors orders several keys differently per run.
-    safetensors.torch.save_file(state, str(tmp),
-                                metadata={"train_py": json.dumps(meta, sort_keys=True)})
-    tmp.chmod(0o666 & ~current_umask())  # safetensors writes 0600 whatever the umask
-    os.replace(tmp, path)
-
-
-def check_meta(meta) -> dict:
-    """The weights' metadata drives allocations (image size, class count): check it first."""
-    def ok() -> bool:
-        size, c, k = meta["image_size"], meta["channels"], meta["num_classes"]
-        return (isinstance(meta["model"], str) and c in (1, 3) and len(size) == 2
-                and all(isinstance(v, int) and 1 <= v <= MAX_IMAGE_SIZE for v in size)
-                and isinstance(k, int) and 1 <= k <= 1_000_000
-                and len(meta["class_names"]) == k and len(meta["mean"]) == len(meta["std"]) == c
-                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in meta["mean"])
-                and all(isinstance(v, (int, float)) and v > 0 for v in meta["std"])
-                and isinstance(meta["crop_padding"], int) and isinstance(meta["hflip"], bool)
-                and isinstance(meta["data"]["dataset"], str))
-    try:
-        if ok():
-            return meta
-    except (KeyError, TypeError, ValueError):
-        pass
-    raise ValueError("its train_py metadata is incomplete or out of range")
-
-
-def read_weights(path: str, flag: str = "--weights") -> tuple[dict, dict]:
-    p = Path(path)
-    p = p / "model.safetensors" if p.is_dir() else p
-    try:
-        with safetensors.safe_open(str(p), "pt") as f:
-            meta = check_meta(json.loads(f.metadata()["train_py"]))
-        return safetensors.torch.load_file(str(p)), meta
-    except Exception as e:  # not a file, not safetensors (SafetensorError), no/odd metadata
-        raise UsageError(f"{flag} {path}: not a model.safetensors written by train.py "
-                         f"({first_line(e)})") from None
-
-
-def check_weights(weights: dict, meta: dict, path: str) -> None:
-    """The tensors must fit the model the metadata describes (built without memory first)."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in build_model(meta, probe=False)
-                    .state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in weights.items()}
-    if expected != found:
-        wrong = sorted(set(expected) ^ set(found) | {k for k in expected if k in found
-                                                     and expected[k] != found[k]})
-        raise UsageError(f"--weights {path}: the tensors do not fit a {meta['model']} with "
-                         f"{meta['num_classes']} classes ({listing(wrong, 4)})")
-
-
-# ----------------------------------------------------------------------------- the loop
-
-def peak_memory_mb(accelerator) -> tuple[float, float]:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    dev = torch.cuda.max_memory_allocated() / 2**20 if accelerator.device.type == "cuda" else 0.0
-    peaks = accelerator.reduce(torch.tensor([rss, dev], device=accelerator.device), "max")
-    return tuple(round(v, 1) for v in peaks.tolist())
-
-
-def evaluate(accelerator, model, loader, meta: dict, channels_last: bool) -> dict:
-    """Exact over processes: per-sample values gathered on every batch (which drops the
-    padding duplicates of the last batches), summed, divided by the true count. Loss,
-    accuracy, top-5 accuracy (more than 5 classes), per-class accuracy and the confusion
-    matrix (rows: true class, columns: predicted; up to 100 classes)."""
-    model.eval()
-    norm = normalizer(meta, accelerator.device)
-    k = meta["num_classes"]
-    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
-    per_class = torch.zeros(2, k, dtype=torch.int64, device=accelerator.device)  # seen, hit
-    confusion = torch.zeros(k * k if k <= 100 else 0, dtype=torch.int64, device=totals.device)
-    for images, labels in loader:
-        with torch.no_grad():
-            logits = model(to_input(images, norm, channels_last)).float()
-        losses = F.cross_entropy(logits, labels, reduction="none")
-        top5 = (logits.topk(min(5, k), 1).indices == labels[:, None]).any(1)
-        losses, preds, labels, top5 = accelerator.gather_for_metrics(
-            (losses, logits.argmax(1), labels, top5))
-        totals += torch.stack([losses.double().sum(), (preds == labels).double().sum(),
-                               top5.double().sum(), torch.tensor(
-                                   losses.numel(), dtype=torch.float64, device=totals.device)])
-        per_class += torch.stack([torch.bincount(labels, minlength=k),
-                                  torch.bincount(labels[preds == labels], minlength=k)])
-        if len(confusion):
-            confusion += torch.bincount(labels * k + preds, minlength=k * k)
-    loss_sum, correct, top5, count = totals.tolist()
-    seen, hit = per_class.tolist()
-    metrics = {"val_loss": loss_sum / count, "val_acc": correct / count, "val_count": int(count),
-               **({"val_top5_acc": top5 / count} if k > 5 else {}),
-               "val_per_class_acc": {name: h / n if n else None
-                                     for name, n, h in zip(meta["class_names"], seen, hit)}}
-    if len(confusion):
-        metrics["val_confusion_matrix"] = confusion.view(k, k).tolist()
-    return metrics
-
-
-def precise_bn(cfg: Config, accelerator, model, data: Data, epoch: int) -> None:
-    """Recompute BatchNorm's running statistics for the current weights (torch's update_bn)
-    from up to --precise_bn training images, averaged over processes. The running averages
-    trail the weights: after 16 steps eval mode still predicted one class."""
-    net = accelerator.unwrap_model(model)
-    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms or not cfg.precise_bn:
-        return
-    dataset, ranks = data.train.dataset, accelerator.num_processes
-    picked = epoch_permutation(len(dataset), cfg.seed, epoch)[:cfg.precise_bn]
-    mine = picked[accelerator.process_index::ranks][:len(picked) // ranks].tolist()
-    batch = data.resolved["batch_size"]
-    loader = torch.utils.data.DataLoader(  # full batches: BatchNorm cannot take one image
-        torch.utils.data.Subset(dataset, mine), batch_size=batch, drop_last=len(mine) >= batch,
-        collate_fn=None if isinstance(dataset, Decoded) else as_is,
-        num_workers=data.resolved["num_workers"] if isinstance(dataset, Decoded) else 0,
-        worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(cfg.seed))
-    norm = normalizer(data.meta, accelerator.device)
-    with torch.no_grad():
-        size = data.meta["image_size"]  # the photo recipe stores more: take the eval view
-        torch.optim.swa_utils.update_bn(
-            (to_input(TF.center_crop(images.to(accelerator.device), size), norm,
-                      cfg.channels_last) for images, _ in loader), net)
-        stats = torch.cat([t for m in norms for t in (m.running_mean, m.running_var)])
-        stats = accelerator.reduce(stats, "mean")  # every process evaluates the same model
-        for m in norms:
-            n = m.num_features
-            m.running_mean.copy_(stats[:n])
-            m.running_var.copy_(stats[n:2 * n])
-            stats = stats[2 * n:]
-
-
-def train(cfg: Config, accelerator, model, optimizer, data: Data, state: LoopState,
-          run_dir: Path, identity: dict, log: MetricsLog, stop: StopFlag, ema=None) -> int:
-    loader, meta, rank = data.train, data.meta, accelerator.process_index
-    batches = len(loader)                     # micro-batches per process per epoch
-    accum = cfg.gradient_accumulation_steps
-    tail = batches % accum                    # micro-batches in a short last group, if any
-    total_steps = -(-batches // accum) * cfg.epochs
-    images_per_step = cfg.batch_size * accum * accelerator.num_processes
-    interactive = accelerator.is_main_process and sys.stderr.isatty()
-    aug = torch.Generator(device=accelerator.device)
-    norm = normalizer(meta, accelerator.device)
-    mix = mixer(cfg, meta["num_classes"])
-    if stopped_before_start(cfg, accelerator, model, data, state, log, stop, ema):
-        return EXIT_PREEMPTED
-    while state.epoch < cfg.epochs:
-        model.train()
-        bar = epoch_batches(cfg, accelerator, data, state, interactive)
-        # This step's summed mean losses, correct predictions and stop signal on this process,
-        # kept on the device: reduced over processes once per step, then summed into Python.
-        step_sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
-        step_loss, step_correct, step_stop = step_sums  # views
-        micro_batches = 0
-        clock = {"epoch": time.perf_counter(), "log": time.perf_counter(),
-                 "train": time.perf_counter(), "log_steps": 0}
-        for images, labels in bar:
-            aug.manual_seed(hash((cfg.seed, state.epoch, state.batch, rank)) % 2**62)
-            images = augment_batch(images, meta, aug)
-            # Accelerate divides every loss by `accum`, also in a short last group: rescale
-            # so that each update is the mean over the micro-batches it really has.
-            scale = accum / tail if tail and state.batch >= batches - tail else 1.0
-            # ---- the update step
-            with accelerator.accumulate(model):
-                x, targets = to_input(images, norm, cfg.channels_last), labels
-                if mix is not None:  # targets become class probabilities
-                    x, targets = mix(x, labels)
-                logits = model(x)
-                loss = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
-                accelerator.backward(loss if scale == 1 else loss * scale)
-                step_loss += loss.detach()
-                step_correct += (logits.argmax(1) == labels).sum()
-                micro_batches += 1
-                if accelerator.sync_gradients:
-                    # One collective per step: loss and accuracy over all processes (a NaN/inf
-                    # anywhere makes the sum non-finite) and whether any got a stop signal.
-                    step_stop.fill_(stop.signal is not None)
-                    loss_sum, correct, stops = accelerator.reduce(step_sums).tolist()
-                    nonfinite, stopping = not math.isfinite(loss_sum), stops > 0
-                    if nonfinite and cfg.nan_policy == "stop":
-                        raise NonFiniteLoss(f"the loss is not finite at optimizer step "
-                                            f"{state.step + 1} (epoch {state.epoch + 1})")
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr_at(state.step, total_steps, cfg) * group["lr_scale"]
-                    if cfg.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    if nonfinite:  # --nan_policy skip: drop this update
-                        optimizer.zero_grad(set_to_none=True)
-                        state.skipped_steps += 1
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            # ---- bookkeeping, keyed on the optimizer step
-            state.batch += 1
-            if not accelerator.sync_gradients:
-                continue
-            state.step += 1
-            if not nonfinite:  # the epoch's running sums, the same on every process
-                seen = micro_batches * cfg.batch_size * accelerator.num_processes  # drop_last
-                state.epoch_sums = [a + b for a, b in zip(
-                    state.epoch_sums, (loss_sum * cfg.batch_size, correct, seen))]
-            step_sums.zero_()
-            micro_batches = 0
-            after = after_step(cfg, accelerator, model, optimizer, data, state, run_dir,
-                               identity, log, bar, clock, total_steps, images_per_step, batches,
-                               stopping, interactive, ema)
-            if stopping:
-                print0(accelerator, f"stopped by {stop.signal or 'a signal to another process'} "
-                                    f"at step {state.step}: saved {after}; exit "
-                                    f"{EXIT_PREEMPTED}, the same command resumes")
-                return EXIT_PREEMPTED
-    return EXIT_OK
-
-
-def epoch_batches(cfg: Config, accelerator, data: Data, state: LoopState, interactive: bool):
-    """The rest of this epoch's batches (all of them, or after the resumed batch index), with a
-    progress bar on a terminal."""
-    loader = data.train
-    epoch_loader = accelerator.skip_first_batches(loader, state.batch) if state.batch else loader
-    # A prepared loader sets its sampler's epoch from its own pass counter, which starts at 0
-    # in a resumed process (and in the loader skip_first_batches makes): set both.
-    epoch_loader.set_epoch(state.epoch)
-    data.sampler.set_epoch(state.epoch)
-    return tqdm(epoch_loader, total=len(loader), initial=state.batch, disable=not interactive,
-                desc=f"epoch {state.epoch + 1}/{cfg.epochs}", leave=False)
-
-
-def stopped_before_start(cfg: Config, accelerator, model, data: Data, state: LoopState,
-                         log: MetricsLog, stop: StopFlag, ema=None) -> bool:
-    """Before the first step: agree on a signal that came during start-up (on any process),
-    and finish the evaluation that a resumed epoch-end checkpoint still owes. From here on a
-    stop signal only sets the flag."""
-    stop.training()
-    flag = torch.tensor([float(stop.signal is not None)], device=accelerator.device)
-    if accelerator.reduce(flag).item():
-        print0(accelerator, f"stopped by {stop.signal or 'a signal to another process'} before "
-                            f"training started: nothing new to save; exit {EXIT_PREEMPTED}, "
-                            "the same command resumes")
-        return True
-    if state.evaluated < state.epoch:  # e.g. it failed on a corrupt validation image
-        evaluate_epoch(cfg, accelerator, model, data, state, log, ema)
-    return False
-
-
-def after_step(cfg: Config, accelerator, model, optimizer, data: Data, state: LoopState,
-               run_dir: Path, identity: dict, log: MetricsLog, bar, clock: dict,
-               total_steps: int, images_per_step: int, batches: int, stopping: bool,
-               interactive: bool, ema=None) -> Path | None:
-    """Log, end the epoch, checkpoint, evaluate: what follows an optimizer step. The epoch's
-    checkpoint comes before its evaluation, so an evaluation that fails loses no training."""
-    clock["log_steps"] += 1
-    if ema is not None:
-        ema.update_parameters(accelerator.unwrap_model(model))
-    end_of_epoch = state.batch == batches
-    checkpoint = end_of_epoch or stopping or (
-        cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0)
-    if cfg.log_every and state.step % cfg.log_every == 0 and not end_of_epoch \
-            and state.epoch_sums[2]:
-        loss_sum, correct, count = state.epoch_sums
-        rate = images_per_step * clock["log_steps"] / (time.perf_counter() - clock["log"])
-        clock["log"], clock["log_steps"] = time.perf_counter(), 0
-        lr = optimizer.param_groups[0]["lr"]
-        log("train", state.step, state.epoch + 1, loss=loss_sum / count, acc=correct / count,
-            lr=lr, images_per_s=round(rate, 1))
-        if interactive:
-            bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.2%}")
-        else:
-            print0(accelerator, f"epoch {state.epoch + 1} step {state.step}/{total_steps}"
-                                f"  loss {loss_sum / count:.4f} acc {correct / count:.2%}"
-                                f"  lr {lr:.4g}  {rate:.0f} img/s")
-    if not checkpoint:
-        return None
-    # train time excludes evaluation and saving, and survives resumes
-    state.train_time_s += time.perf_counter() - clock["train"]
-    if end_of_epoch:
-        bar.close()
-        end_epoch(accelerator, state, clock["epoch"])
-    path = save_checkpoint(accelerator, run_dir, state, identity, cfg.keep_checkpoints, ema)
-    if state.evaluated < state.epoch:
-        evaluate_epoch(cfg, accelerator, model, data, state, log, ema)
-    clock["train"] = time.perf_counter()
-    return path
-
-
-def end_epoch(accelerator, state: LoopState, t_epoch: float) -> None:
-    """Close the epoch's training metrics and move the loop state to the next epoch."""
-    epoch_time = time.perf_counter() - t_epoch
-    loss_sum, correct, count = state.epoch_sums
-    count = count or math.nan  # every step of the epoch skipped (--nan_policy skip)
-    rate = count / epoch_time
-    state.last_metrics = {"train_loss": loss_sum / count, "train_acc": correct / count,
-                          "epoch_time_s": round(epoch_time, 3), "images_per_s": round(rate, 1),
-                          "images_per_s_per_process": round(rate / accelerator.num_processes, 1)}
-    state.epoch, state.batch, state.epoch_sums = state.epoch + 1, 0, [0.0] * 3
-
-
-def evaluate_epoch(cfg: Config, accelerator, model, data: Data, state: LoopState,
-                   log: MetricsLog, ema=None) -> None:
-    """Evaluate the epoch just finished (after its checkpoint) and report it."""
-    precise_bn(cfg, accelerator, model, data, state.epoch)
-    metrics = {**state.last_metrics,
-               **evaluate(accelerator, model, data.val, data.meta, cfg.channels_last)}
-    if ema is not None:  # its BatchNorm statistics recomputed for its weights as well
-        precise_bn(cfg, accelerator, ema.module, data, state.epoch)
-        averaged = evaluate(accelerator, ema.module, data.val, data.meta, cfg.channels_last)
-        metrics.update(val_acc_ema=averaged["val_acc"], val_loss_ema=averaged["val_loss"])
-    model.train()
-    metrics["peak_rss_mb"], metrics["peak_device_mb"] = peak_memory_mb(accelerator)
-    state.evaluated, state.last_metrics = state.epoch, metrics
-    state.best_val_acc = max(state.best_val_acc, metrics["val_acc"])
-    log("eval", state.step, state.epoch, **{k: v for k, v in metrics.items()  # scalars only
-                                              if isinstance(v, (int, float))})
-    rate = metrics["images_per_s"]
-    print0(accelerator,
-           f"epoch {state.epoch}/{cfg.epochs}  train loss {metrics['train_loss']:.4f} "
-           f"acc {metrics['train_acc']:.2%}  val loss {metrics['val_loss']:.4f} "
-           f"acc {metrics['val_acc']:.2%}  "
-           + (f"ema acc {metrics['val_acc_ema']:.2%}  " if ema is not None else "")
-           + f"{metrics['epoch_time_s']:.2f}s  {rate:.0f} img/s "
-           f"({rate / accelerator.num_processes:.0f}/process)  peak "
-           f"{metrics['peak_rss_mb']:.0f} MB")
-
-
-# ----------------------------------------------------------------------------- main
-
-def resolve_run_dir(cfg: Config, suffix: str) -> tuple[Path, bool]:
-    """--output_dir, or a new runs/<date>-<time>-<suffix>[-N] made here (mkdir is atomic, so
-    two runs started in the same second get two directories). Returns (path, made here)."""
-    if cfg.output_dir:
-        return Path(cfg.output_dir).expanduser(), False
-    name = [None]
-    if accelerate.PartialState().is_main_process:
-        base = f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}-{suffix}"
-        for n in range(1, 10_000):
-            try:
-                Path(f"{base}-{n}" if n > 1 else base).mkdir(parents=True)
-                name = [f"{base}-{n}" if n > 1 else base]
-                break
-            except FileExistsError:
-                continue
-    accelerate.utils.broadcast_object_list(name)  # every process uses the main process's name
-    return Path(name[0]), True
-
-
-def versions() -> dict:
-    return {"python": sys.version.split()[0], "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "accelerate": accelerate.__version__,
-            "datasets": datasets.__version__}
-
-
-def run_training(cfg: Config, accelerator, run_dir: Path, hub: str | None, stop: StopFlag,
-                 t_start: float) -> int:
-    asked = cfg
-    data = build_data(cfg, accelerator, hub, stop)
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in data.resolved.items()
-                                      if k in Config.__dataclass_fields__ and k != "image_size"},
-                              image_size=max(data.resolved["image_size"]),
-                              output_dir=str(run_dir), threads=torch.get_num_threads(),
-                              mixed_precision=accelerator.mixed_precision)
-    meta = {**data.meta, "data": {
-        "dataset": cfg.dataset, "dataset_config": cfg.dataset_config, "revision": cfg.revision,
-        "image_column": cfg.image_column, "label_column": cfg.label_column,
-        "val_fraction": cfg.val_fraction, "seed": cfg.seed}}
-    identity = {"dataset": cfg.dataset, "dataset_config": cfg.dataset_config,
-                "revision": cfg.revision, "model": cfg.model, "seed": cfg.seed,
-                "start": cfg.pretrained or cfg.init_from,
-                "image_size": meta["image_size"], "channels": meta["channels"],
-                "batch_size": cfg.batch_size,
-                "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-                "num_processes": accelerator.num_processes, "num_classes": meta["num_classes"],
-                "train_count": data.resolved["train_count"]}
-    start = None
-    if cfg.pretrained or cfg.init_from:  # read (or downloaded, once per machine) up front
-        with accelerator.main_process_first():
-            start = starting_state(cfg)
-    resume, lock = prepare_run_dir(cfg, run_dir, identity, accelerator)
-    try:
-        accelerate.utils.set_seed(cfg.seed)
-        model = build_model(meta, cfg.batch_size)
-        if start is not None:
-            print0(accelerator, load_start(cfg, model, start))
-        if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = make_optimizer(cfg, model)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        ema = make_ema(cfg, accelerator.unwrap_model(model))
-        state = LoopState()
-        if resume is not None:
-            state = loop_state(read_json(resume / "loop_state.json")["loop"], resume)
-            check_loop_state(state, len(data.train), cfg.gradient_accumulation_steps, resume)
-            try:
-                accelerator.load_state(str(resume))
-            except Exception as e:  # a forged optimizer.bin: UnpicklingError, ...
-                raise UsageError(f"checkpoint {resume} does not load ({first_line(e)}): "
-                                 "damaged or edited; --resume another checkpoint") from None
-            if ema is not None:
-                load_ema(ema, resume)
-            print0(accelerator, f"resumed from {resume} (epoch {state.epoch + 1}, batch "
-                                f"{state.batch}, step {state.step})")
-            note_changes(accelerator, asked, run_dir)
-        write_config(asked, cfg, accelerator, run_dir, identity, data, resume)
-        log = MetricsLog(accelerator, run_dir, state if resume is not None else None)
-        if cfg.report_to != "none":
-            accelerator.init_trackers(cfg.report_to if cfg.report_to != "all" else "train",
-                                      config=tracker_config(cfg))
-        startup = time.perf_counter() - t_start  # imports, data, model, resume
-        try:
-            code = train(cfg, accelerator, model, optimizer, data, state, run_dir, identity,
-                         log, stop, ema)
-            if code == EXIT_OK:
-                write_results(cfg, accelerator, model, data, state, run_dir, meta,
-                              time.perf_counter() - t_start, startup, resume, ema)
-            return code
-        finally:
-            accelerator.end_training()  # trackers closed, process group destroyed
-    finally:
-        if lock is not None:
-            lock.close()
-
-
-def note_changes(accelerator, asked: Config, run_dir: Path) -> None:
-    if not (run_dir / "config.json").exists():
-        return
-    try:
-        before = read_json(run_dir / "config.json")["config"]
-        before.get
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        print0(accelerator, f"note: {run_dir / 'config.json'} is unreadable or edited: the "
-                            "settings the run began with are not compared (it is rewritten)")
-        return
-    changed = [f"--{k} {before.get(k)} -> {v}" for k, v in asdict(asked).items()
-               if before.get(k) != v and k not in ("resume", "overwrite", "output_dir")]
-    if changed:
-        print0(accelerator, "note: changed since the run began: " + ", ".join(changed))
-
-
-def write_config(asked: Config, cfg: Config, accelerator, run_dir: Path, identity: dict,
-                 data: Data, resume: Path | None) -> None:
-    hosts = accelerate.utils.gather_object([os.uname().nodename])
-    effective = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
-    if accelerator.is_main_process:
-        write_json(run_dir / "config.json", {
-            "config": asdict(asked), "resolved": {**asdict(cfg), **data.resolved},
-            "identity": identity, "versions": versions(),
-            "num_processes": accelerator.num_processes, "hostnames": hosts,
-            "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
-            "data_mode": data.resolved["data_mode"], "effective_batch_size": effective,
-            "torch_threads": torch.get_num_threads(), "resumed_from": str(resume or "") or None,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")})
-    h, w = data.meta["image_size"]
-    print0(accelerator,
-           f"{accelerator.num_processes} process(es) on {accelerator.device.type}, mixed precision "
-           f"{accelerator.mixed_precision}; effective batch {effective} = {cfg.batch_size} x "
-           f"{accelerator.num_processes} process(es) x {cfg.gradient_accumulation_steps} "
-           f"accumulation; {identity['train_count']} train / {data.resolved['val_count']} val "
-           f"images, {data.meta['num_classes']} classes, {data.meta['channels']}x{h}x{w}; run "
-           f"directory {run_dir}")
-
-
-def write_results(cfg: Config, accelerator, model, data: Data, state: LoopState,
-                  run_dir: Path, meta: dict, wall_time: float, startup: float,
-                  resume: Path | None, ema=None) -> None:
-    rss, dev = peak_memory_mb(accelerator)
-    images = cfg.epochs * len(data.train) * cfg.batch_size * accelerator.num_processes
-    results = {**state.last_metrics, "steps": state.step, "epochs": cfg.epochs,
-               "wall_time_s": round(wall_time, 3), "startup_s": round(startup, 3),
-               "train_time_s": round(state.train_time_s, 3),
-               "images_per_s": round(images / state.train_time_s, 1),
-               "images_per_s_per_process": round(
-                   images / state.train_time_s / accelerator.num_processes, 1),
-               "peak_rss_mb": rss, "peak_device_mb": dev,
-               "num_processes": accelerator.num_processes, "best_val_acc": state.best_val_acc,
-               "skipped_steps": state.skipped_steps, "data_mode": data.resolved["data_mode"],
-               "resumed_from": str(resume) if resume is not None else None}
-    if accelerator.is_main_process:
-        save_weights(accelerator.unwrap_model(model), run_dir / "model.safetensors", meta)
-        if ema is not None:
-            save_weights(ema.module, run_dir / "model_ema.safetensors", meta)
-        write_json(run_dir / "results.json", results)
-    print0(accelerator, f"done: val acc {results['val_acc']:.2%}, {state.step} steps, "
-                        f"{wall_time:.1f}s (whole process, imports included); wrote {run_dir}")
-
-
-def tracker_config(cfg: Config) -> dict:
-    """Trackers take flat scalars and strings."""
-    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-            for k, v in asdict(cfg).items()}
-
-
-EVAL_PIXELS = 2**24  # pixels per evaluation batch at the most, without --batch_size: 64 at 512 px
-
-
-def eval_batch(meta: dict, asked: int = 0) -> int:
-    """--eval_only / --predict batch: --batch_size, else 64 images, fewer where they are so
-    large (the weights' metadata says how large) that 64 would take gigabytes."""
-    h, w = meta["image_size"]
-    return asked or max(1, min(64, EVAL_PIXELS // (h * w)))
-
-
-def trained_model(cfg: Config) -> tuple[object, dict]:
-    """--weights as a model on the CPU (checked against its metadata first) and the metadata."""
-    weights, meta = read_weights(cfg.weights)
-    check_weights(weights, meta, cfg.weights)
-    model = build_model(meta)
-    model.load_state_dict(weights)
-    return model, meta
-
-
-def run_eval_only(cfg: Config, given: set[str], accelerator, run_dir: Path, hub: str | None,
-                  stop: StopFlag, t_start: float) -> int:
-    model, meta = trained_model(cfg)
-    if (run_dir / "results.json").exists() and not cfg.overwrite:
-        raise UsageError(f"{run_dir} already holds results.json; use another --output_dir, "
-                         "or --overwrite")
-    with accelerator.main_process_first():
-        split, image_col, label_col, what, part = load_eval_split(cfg, given, meta, hub)
-    mode = pick_mode(cfg, accelerator, [(split, False, part)], meta, image_col, label_col)
-    loader = make_loader(accelerator, split, image_col, label_col, meta, mode,
-                         eval_batch(meta, cfg.batch_size), worker_count(cfg), None, cfg.seed,
-                         (cache_root(cfg), stop, part))
-    model = accelerator.prepare(model)
-    metrics = evaluate(accelerator, model, loader, meta, cfg.channels_last)
-    results = {**metrics, "weights": str(cfg.weights), "evaluated": what,
-               "num_processes": accelerator.num_processes,
-               "wall_time_s": round(time.perf_counter() - t_start, 3)}
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "results.json", results)
-    print0(accelerator, f"eval: {what}, {metrics['val_count']} images: loss "
-                        f"{metrics['val_loss']:.4f} acc {metrics['val_acc']:.2%}; wrote "
-                        f"{run_dir / 'results.json'}")
-    accelerator.end_training()
-    return EXIT_OK
-
-
-def run_predict(cfg: Config, accelerator, run_dir: Path) -> int:
-    """predictions.csv: each image under --predict once (the processes take every n-th file),
-    decoded and normalized as the weights' run did, with its top classes and probabilities."""
-    model, meta = trained_model(cfg)
-    root = Path(cfg.predict).expanduser()
-    files = [root] if root.is_file() else sorted(
-        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in image_extensions()
-        and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    if not files:
-        raise UsageError(f"--predict {cfg.predict}: no image files there")
-    if (run_dir / "predictions.csv").exists() and not cfg.overwrite:
-        raise UsageError(f"{run_dir} already holds predictions.csv; use another --output_dir, "
-                         "or --overwrite")
-    mine = files[accelerator.process_index::accelerator.num_processes]
-    split = datasets.Dataset.from_dict({"image": [str(f) for f in mine], "label": [0] * len(mine)},
-                                       features=datasets.Features({
-                                           "image": datasets.Image(decode=False),
-                                           "label": datasets.Value("int64")}))
-    loader = torch.utils.data.DataLoader(
-        Decoded(split, "image", "label", "L" if meta["channels"] == 1 else "RGB",
-                *stored(meta, train=False)), batch_size=eval_batch(meta, cfg.batch_size),
-        num_workers=worker_count(cfg), worker_init_fn=ignore_stop_signals)
-    model = model.to(accelerator.device).eval()
-    norm, k, rows = normalizer(meta, accelerator.device), min(5, meta["num_classes"]), []
-    with torch.no_grad():
-        for images, _ in loader:
-            x = to_input(images.to(accelerator.device), norm, cfg.channels_last)
-            probs, classes = model(x).float().softmax(1).topk(k, 1)
-            for p, c in zip(probs.tolist(), classes.tolist()):
-                name = mine[len(rows)]
-                rows.append([str(name.relative_to(root)) if name != root else name.name,
-                             *[v for i, q in zip(c, p) for v in (meta["class_names"][i],
-                                                                 f"{q:.6f}")]])
-    rows = accelerate.utils.gather_object(rows)
-    if accelerator.is_main_process:
-        import csv
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "predictions.csv", "w", newline="") as f:
-            out = csv.writer(f)
-            out.writerow(["file"] + [f"{w}_{i}" for i in range(1, k + 1)
-                                     for w in ("label", "probability")])
-            out.writerows([[spreadsheet_safe(v) for v in row] for row in sorted(rows)])
-    print0(accelerator, f"predicted {len(rows)} images; wrote {run_dir / 'predictions.csv'}")
-    accelerator.end_training()
-    return EXIT_OK
-
-
-def spreadsheet_safe(cell: str) -> str:
-    """A file or class name a spreadsheet would run as a formula gets a leading quote."""
-    return "'" + cell if cell.startswith(("=", "+", "-", "@", "\t", "\r")) else cell
-
-
-def main(argv: list[str] | None = None) -> int:
-    t_start = time.perf_counter()
-    run_dir, made, stop = None, False, StopFlag()
-    try:
-        stop.catch(Config.stop_signals)  # first: from here on a stop signal means exit 75
-        cfg, given = parse_config(argv)
-        stop.catch(cfg.stop_signals)
-        hub = hub_access(cfg.dataset)  # before datasets is imported
-        contended = choose_wait_policy()
-        import_libraries()
-        if not (cfg.eval_only or cfg.predict):
-            check_model_name(cfg.model)
-        if not sys.stderr.isatty():
-            datasets.disable_progress_bars()  # they flood log files (Slurm, CI)
-        # On a CPU-only machine under torchrun / `accelerate launch --multi_gpu`, a plain
-        # Accelerator() reports one process and every process trains on all the data;
-        # cpu=True makes it MULTI_CPU over gloo. torch.accelerator also knows MPS and XPU.
-        cpu = cfg.cpu or not (torch.accelerator.is_available() if hasattr(torch, "accelerator")
-                              else torch.cuda.is_available())
-        gpus, local = torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", 0))
-        if not cpu and torch.cuda.is_available() and local >= gpus:
-            raise UsageError(f"this process is local rank {local} but the machine has {gpus} "
-                             f"GPU(s): launch {gpus} process(es) per machine (accelerate launch "
-                             f"--num_processes {gpus}, or plain `accelerate launch train.py`)")
-        accelerate.PartialState(cpu=cpu)  # the process group: the run directory is agreed on it
-        run_dir, made = resolve_run_dir(cfg, "eval" if cfg.eval_only else "predict"
-                                        if cfg.predict else cfg.model)
-        accelerator = make_accelerator(cfg, cpu, run_dir)
-        if contended:
-            print0(accelerator, contended)
-        if cfg.predict:
-            return run_predict(cfg, accelerator, run_dir)
-        if cfg.eval_only:
-            return run_eval_only(cfg, given, accelerator, run_dir, hub, stop, t_start)
-        return run_training(cfg, accelerator, run_dir, hub, stop, t_start)
-    except UsageError as e:
-        message = str(e)
-        if "Original Traceback" in message:  # raised in a DataLoader worker
-            message = message.strip().splitlines()[-1].split("UsageError: ", 1)[-1]
-        print(f"train.py: error: {message[:2000]}", file=sys.stderr)
-        return EXIT_USAGE
-    except Stopped as e:
-        report(f"train.py: stopped by {stop.signal} {e}; exit {EXIT_PREEMPTED}, the same command "
-               "resumes")
-        return EXIT_PREEMPTED
-    except DiskFull as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    except NonFiniteLoss as e:
-        print(f"train.py: {e}. The newest checkpoint is kept. Lower --lr, set "
-              "--max_grad_norm, or pass --nan_policy skip", file=sys.stderr)
-        return EXIT_FAILED
-    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
-        if not isinstance(e, MemoryError) and "alloc" not in str(e):
-            raise
-        print(f"train.py: error: out of memory ({first_line(e)}); lower --batch_size or "
-              "--image_size", file=sys.stderr)
-        return EXIT_FAILED
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        print(f"train.py: error: {e.strerror} (writing {e.filename or run_dir}): free some "
-              "space and run the same command (it resumes from the newest complete checkpoint, "
-              "if there is one)", file=sys.stderr)
-        return EXIT_FAILED
-    finally:
-        if made and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".lock"}:
-            shutil.rmtree(run_dir)  # a default run directory that nothing was written to
+        raise Exit(f"--pretrained: cannot read {file} ({first_line(e)}); put {weights.url} "
+                   "there") from None
+
+
+def remember_accelerate_answers() -> None:
+    """accelerate 1.15 asks two questions on every step whose answers cannot change during a
+    run: is the optional lomo_optim package installed (twice per optimizer.step(), ~0.3 ms on
+    a CPU) and does optimizer.zero_grad take set_to_none (inspect.signature, ~0.1 ms). Next
+    to a 6 ms digits step that was 6%; remember the answers."""
+    module = accelerate.optimizer
+    if not hasattr(module.is_lomo_available, "cache_info"):
+        module.is_lomo_available = functools.cache(module.is_lomo_available)
+        module.inspect = types.SimpleNamespace(signature=functools.lru_cache(maxsize=4)(
+            inspect.signature))
 
 
 if __name__ == "__main__":

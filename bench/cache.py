@@ -167,8 +167,9 @@ def child_build(spec: dict) -> dict:
     out = {}
     for name, split, is_train in (("train", s.train, True), ("val", s.val, False)):
         t0 = time.perf_counter()
-        data = train.cached(Path(spec["cache_dir"]), split, s.image_col, s.label_col,
-                            photo_meta(spec["size"]), is_train, train.StopFlag(""))
+        data = train.cached(Path(spec["cache_dir"]), train.Source(split, s.image_col,
+                                                                  s.label_col),
+                            photo_meta(spec["size"]), is_train)
         out[name] = {"images": len(data), "s": time.perf_counter() - t0,
                      "bytes": data.path.stat().st_size, "workers": train.cpu_count()}
     return out
@@ -185,8 +186,8 @@ def child_loader(spec: dict) -> dict:
     size, cover = train.stored(meta, True)
     gen = torch.Generator().manual_seed(spec["seed"])
     if spec["variant"] == "cache":
-        data = train.cached(Path(spec["cache_dir"]), s.train, s.image_col, s.label_col, meta,
-                            True, train.StopFlag(""))
+        data = train.cached(Path(spec["cache_dir"]),
+                            train.Source(s.train, s.image_col, s.label_col), meta, True)
         loader = torch.utils.data.DataLoader(data, batch_size=BATCH, collate_fn=train.as_is,
                                              sampler=torch.utils.data.RandomSampler(
                                                  data, generator=gen))
@@ -242,8 +243,9 @@ def child_startup_parts(spec: dict) -> dict:
     t3 = time.perf_counter()
     meta = {**train.image_properties(cfg, "cnn", sizes, colour)[0], "recipe": "small"}
     for split, is_train in ((s.train, True), (s.val, False)):
-        train.cached(train.cache_root(cfg), split, s.image_col, s.label_col, meta, is_train,
-                     train.StopFlag(""), train.part_of(s, meta, is_train))
+        train.cached(train.cache_root(cfg), train.Source(split, s.image_col, s.label_col,
+                                                         train.part_of(s, meta, is_train)),
+                     meta, is_train)
     t4 = time.perf_counter()
     return {"imports": t1 - t0, "load_splits": t2 - t1, "probe": t3 - t2, "open": t4 - t3}
 

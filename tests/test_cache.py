@@ -202,8 +202,8 @@ def test_without_file_locks_it_warns_and_an_overlapping_build_uses_the_first(tmp
     meta = {"channels": 1, "image_size": [8, 8], "recipe": "small"}
     assert train.cache_folder(cache, s.source_train, "image", "label", meta, True) == done
     before = (done / "cache.json").read_text()
-    data = train.build_cache(done, s.source_train, "image", "label", meta, True,
-                             train.StopFlag(""))  # as if it had started before `done` existed
+    data = train.build_cache(done, train.Source(s.source_train, "image", "label"), meta,
+                             True)  # as if it had started before `done` existed
     assert (done / "cache.json").read_text() == before and not tmp_builds(cache)
     assert len(data) == 1797 and data.path == done / "images.u8"
 
