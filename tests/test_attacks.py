@@ -391,15 +391,21 @@ def test_a_manifest_naming_a_file_outside_the_checkpoint_is_refused(tmp_path, ca
     expect("manifest-parent", code, out, err, ckpt=ckpt.name)
 
 
+def resumed_from_the_older_checkpoint(text: str, run: Path, trained: Path) -> None:
+    """--resume auto skipped the forged newest checkpoint and finished the run from the older
+    one, to the weights of the run that was never forged."""
+    assert re.search(rf"skipping damaged checkpoint \S*{NEWEST}", text), text[-3000:]
+    assert re.search(rf"resumed from \S*{OLDER}", text), text[-3000:]
+    assert_same_weights(run, trained)
+
+
 def test_resume_auto_skips_a_newest_checkpoint_naming_dev_zero(tmp_path, trained):
     run = resumable(trained, tmp_path)
     list_in_manifest(run / "checkpoints" / NEWEST, "/dev/zero", 0, "0" * 64)
     p = Limited([*FINISHED, "--output_dir", run], tmp_path, "devzero-auto")
     wait_reading_at_most(p, ENDLESS_READ)
     text = expect("manifest-dev-zero-auto", p.rc, p.out, p.err)
-    assert re.search(rf"skipping damaged checkpoint \S*{NEWEST}", text), text[-3000:]
-    assert re.search(rf"resumed from \S*{OLDER}", text), text[-3000:]
-    assert_same_weights(run, trained)
+    resumed_from_the_older_checkpoint(text, run, trained)
 
 
 def test_resume_auto_skips_a_newest_checkpoint_naming_a_file_outside_it(tmp_path, capsys,
@@ -410,9 +416,7 @@ def test_resume_auto_skips_a_newest_checkpoint_naming_a_file_outside_it(tmp_path
                      sha256(outside))
     code, out, err = in_process(capsys, *FINISHED, "--output_dir", run)
     text = expect("manifest-parent-auto", code, out, err)
-    assert re.search(rf"skipping damaged checkpoint \S*{NEWEST}", text), text[-3000:]
-    assert re.search(rf"resumed from \S*{OLDER}", text), text[-3000:]
-    assert_same_weights(run, trained)
+    resumed_from_the_older_checkpoint(text, run, trained)
 
 
 def test_sigterm_while_a_huge_checkpoint_file_is_hashed_exits_75(tmp_path, trained):
@@ -462,9 +466,7 @@ def test_resume_auto_skips_a_newest_checkpoint_with_forged_random_states(tmp_pat
                (tmp_path / "states.pkl").read_bytes())
     code, out, err = in_process(capsys, *FINISHED, "--output_dir", run)
     text = expect("random-states-auto", code, out, err)
-    assert re.search(rf"skipping damaged checkpoint \S*{NEWEST}", text), text[-3000:]
-    assert re.search(rf"resumed from \S*{OLDER}", text), text[-3000:]
-    assert_same_weights(run, trained)
+    resumed_from_the_older_checkpoint(text, run, trained)
 
 
 # ----------------------------------------------------------------------------- 6. one line, exit 2
