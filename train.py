@@ -209,6 +209,7 @@ class Run:
     state: LoopState = field(default_factory=lambda: LoopState())
     log: MetricsLog | None = None
     identity: dict = field(default_factory=dict)  # what a checkpoint must match to resume
+    saved: dict = field(default_factory=dict)     # the loop_state.json resumed from
 
     def __post_init__(self):
         self.cfg = self.cfg or self.asked
@@ -443,7 +444,7 @@ def training(run: Run) -> None:
 
 def load_checkpoint(run: Run, resume: Path) -> None:
     """The loop state, Accelerate's state and the EMA of a checkpoint that verified."""
-    state = loop_state(read_json(resume / "loop_state.json")["loop"], resume)
+    state = loop_state(run.saved["loop"], resume)
     check_loop_state(state, len(run.data.train), run.cfg.gradient_accumulation_steps, resume)
     try:
         run.accelerator.load_state(str(resume))
@@ -1764,7 +1765,8 @@ def prepare_run_dir(run: Run) -> tuple[Path | None, object]:
         raise answer[0]
     resume = Path(answer[0]) if answer[0] else None
     if resume is not None:
-        saved = read_json(resume / "loop_state.json")["identity"]
+        run.saved = read_json(resume / "loop_state.json")  # verified by the main process
+        saved = run.saved["identity"]
         diff = [k for k in identity if k in saved and saved[k] != identity[k]]  # older: fewer
         if diff:
             raise Exit(f"checkpoint {resume} belongs to a different run: " + "; ".join(
