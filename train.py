@@ -55,6 +55,7 @@ import inspect
 import io
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -98,6 +99,7 @@ class Config:
                          ("auto", "memory", "cache", "stream"))
     memory_budget_gb: float = opt(4.0, "largest decoded dataset --data_mode auto keeps in memory")
     cache_dir: str | None = opt(None, "--data_mode cache's folder; default: HF_DATASETS_CACHE's")
+    max_image_pixels: int = opt(2 * 89_478_485, "larger images are refused (PIL's bomb guard)")
     num_workers: int = opt(-1, "loader worker processes; -1 = from the CPU count, 0 = none")
     crop_padding: int = opt(-1, "small recipe: random-crop padding in pixels; -1 = size // 8")
     hflip: str = opt("auto", "random horizontal flips; auto = on for colour data",
@@ -108,10 +110,10 @@ class Config:
     crop_ratio: float = opt(4 / 3, "photo: largest aspect ratio of a random crop")
     crop_fraction: float = opt(0.875, "photo: evaluation crops this part of the resized image")
     # model
-    model: str = opt("cnn", "cnn (small, defined here) or a torchvision classifier: resnet50, ...")
+    model: str = opt("cnn", "cnn (small, defined here) or any torchvision classifier's name")
     pretrained: str | None = opt(None, "torchvision's weights for --model: DEFAULT or a name")
     init_from: str | None = opt(None, "start from a run directory, model.safetensors or state dict")
-    freeze_backbone: bool = opt(False, "train only the classifier head (the last linear layer)")
+    freeze_backbone: bool = opt(False, "train only the classifier head; BatchNorm stats frozen")
     head_lr_scale: float = opt(1.0, "learning-rate multiplier for the classifier head")
     # optimization
     epochs: int = opt(8, "passes over the training data")
@@ -130,7 +132,7 @@ class Config:
     warmup_steps: int = opt(0, "optimizer steps of linear warmup; 0 = off (onecycle: 25%%)")
     nan_policy: str = opt("stop", "on a NaN/inf loss: stop (exit 1) or skip the step",
                           ("stop", "skip"))
-    ema_decay: float = opt(0.0, "EMA of the weights, e.g. 0.999; 0 = off")
+    ema_decay: float = opt(0.0, "decay of an EMA of the weights (0.999 is typical); 0 = off")
     precise_bn: int = opt(2048, "images that recompute BatchNorm statistics to evaluate; 0 = off")
     # outputs and logging
     output_dir: str | None = opt(None, "run directory; default: a new runs/<date>-<time>-<model>")
@@ -171,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         hub = hub_access(cfg.dataset)  # before datasets is imported
         contended = choose_wait_policy()
         import_libraries()
+        PIL.Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels // 2  # PIL refuses twice this
         if not (cfg.eval_only or cfg.predict):
             check_model_name(cfg.model)  # before minutes of data loading
         cpu = use_cpu(cfg)
@@ -225,7 +228,7 @@ def train(run: Run) -> None:
     mix = mixer(cfg, meta["num_classes"])
     while state.epoch < cfg.epochs:
         model.train()
-        bar, clock = epoch_batches(run)
+        bar, clock = epoch_batches(run)  # and frozen BatchNorm layers back in eval mode
         # This step's summed mean losses, correct predictions and stop signal on this process,
         # kept on the device: reduced over processes once per step, then summed into Python.
         step_loss, step_correct, step_stop = sums = torch.zeros(  # views of one tensor
@@ -275,6 +278,14 @@ def train(run: Run) -> None:
                     state.epoch_sums, (loss_sum * cfg.batch_size, correct, seen))]
             sums.zero_()
             after_step(run, bar, clock, total, stopping=stops > 0)
+
+
+def keep_frozen(run: Run) -> None:
+    """--freeze_backbone: frozen means its BatchNorm statistics too (eval mode, as timm's
+    freeze does); the head, the last linear layer, holds none."""
+    for m in run.model.modules() if run.cfg.freeze_backbone else ():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
 
 
 def non_finite(state: LoopState) -> Exit:
@@ -337,8 +348,10 @@ def interactive(accelerator) -> bool:
 
 def epoch_batches(run: Run):
     """The rest of this epoch's batches (all of them, or after the resumed batch index), with a
-    progress bar on a terminal, and the epoch's clocks."""
+    progress bar on a terminal, and the epoch's clocks; --freeze_backbone's BatchNorm layers
+    go back to eval mode after model.train()."""
     loader, state = run.data.train, run.state
+    keep_frozen(run)
     epoch_loader = run.accelerator.skip_first_batches(loader, state.batch) if state.batch \
         else loader
     # A prepared loader sets its sampler's epoch from its own pass counter, which starts at 0
@@ -391,9 +404,14 @@ def evaluate_epoch(run: Run) -> None:
         averaged = evaluate(acc, run.ema.module, data.val, data.meta, run.cfg.channels_last)
         metrics.update(val_acc_ema=averaged["val_acc"], val_loss_ema=averaged["val_loss"])
     run.model.train()
+    keep_frozen(run)
     metrics["peak_rss_mb"], metrics["peak_device_mb"] = peak_memory_mb(acc)
     state.evaluated, state.last_metrics = state.epoch, metrics
-    state.best_val_acc = max(state.best_val_acc, metrics["val_acc"])
+    if metrics["val_acc"] > state.best_val_acc:  # the model's, not the EMA's
+        state.best_val_acc, state.best_epoch = metrics["val_acc"], state.epoch
+        if acc.is_main_process:
+            save_weights(acc.unwrap_model(run.model), run.dir / "model_best.safetensors",
+                         data.meta)
     run.log("eval", state.step, state.epoch, **{k: v for k, v in metrics.items()  # scalars
                                                   if isinstance(v, (int, float))})
     rate = metrics["images_per_s"]
@@ -471,15 +489,59 @@ def write_results(run: Run, startup: float, resume: Path | None) -> None:
                "images_per_s_per_process": round(
                    images / state.train_time_s / acc.num_processes, 1),
                "peak_rss_mb": rss, "peak_device_mb": dev, "num_processes": acc.num_processes,
-               "best_val_acc": state.best_val_acc, "skipped_steps": state.skipped_steps,
+               "best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch,
+               "skipped_steps": state.skipped_steps,
                "data_mode": cfg.data_mode, "resumed_from": str(resume) if resume else None}
     if acc.is_main_process:
         save_weights(acc.unwrap_model(run.model), run.dir / "model.safetensors", run.data.meta)
         if run.ema is not None:
             save_weights(run.ema.module, run.dir / "model_ema.safetensors", run.data.meta)
         write_json(run.dir / "results.json", results)
-    print0(acc, f"done: val acc {results['val_acc']:.2%}, {state.step} steps, {wall_time:.1f}s "
-                f"(whole process, imports included); wrote {run.dir}")
+        draw_pictures(run)
+        for old in checkpoints(run.dir)[1:] if "keep_checkpoints" not in run.given else []:
+            shutil.rmtree(old)  # finished: the newest is what resuming a longer run needs
+    print0(acc, f"done: val acc {results['val_acc']:.2%} (best {state.best_val_acc:.2%}, epoch "
+                f"{state.best_epoch}: model_best.safetensors), {state.step} steps, "
+                f"{wall_time:.1f}s (whole process, imports included); wrote {run.dir}")
+
+
+def draw_pictures(run: Run) -> None:
+    """curves.png (loss and accuracy per epoch, from metrics.jsonl) and confusion.png (the last
+    evaluation's, with class names), drawn by matplotlib; to tensorboard as figures too."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    evals = [e for e in map(json.loads, run.log.path.read_text().splitlines())
+             if e["event"] == "eval"]
+    curves, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    for ax, name in zip(axes, ("loss", "acc")):
+        for split, label in (("train", "train"), ("val", "validation")):
+            ax.plot([e["epoch"] for e in evals], [e[f"{split}_{name}"] for e in evals], "o-",
+                    label=label)
+        ax.set(xlabel="epoch", title="loss" if name == "loss" else "accuracy")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend()
+    pictures = {"curves": curves}
+    matrix, names = run.state.last_metrics.get("val_confusion_matrix"), run.data.meta[
+        "class_names"]
+    if matrix:
+        side = min(20, 3 + len(names) * 0.35)
+        pictures["confusion"], ax = plt.subplots(figsize=(side, side), layout="constrained")
+        ax.imshow(matrix, cmap="Blues")
+        ax.set(xticks=range(len(names)), yticks=range(len(names)), xlabel="predicted",
+               ylabel="true class", title="validation confusion matrix")
+        ax.set_xticklabels(names, rotation=90)
+        ax.set_yticklabels(names)
+        for (i, j), n in np.ndenumerate(np.array(matrix)) if len(names) <= 20 else ():
+            ax.text(j, i, n, ha="center", va="center", fontsize=8,
+                    color="white" if n > np.max(matrix) / 2 else "black")
+    for name, figure in pictures.items():
+        figure.savefig(run.dir / f"{name}.tmp.png", dpi=100)
+        os.replace(run.dir / f"{name}.tmp.png", run.dir / f"{name}.png")
+        if run.cfg.report_to in ("tensorboard", "all"):
+            run.accelerator.get_tracker("tensorboard", unwrap=True).add_figure(
+                name, figure, run.state.step)
+        plt.close(figure)
 
 
 def evaluate_only(run: Run) -> None:
@@ -510,9 +572,12 @@ def predict(run: Run) -> None:
     acc, cfg = run.accelerator, run.asked
     model, meta = trained_model(cfg)
     root = Path(cfg.predict).expanduser()
-    files = [root] if root.is_file() else sorted(
-        p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in image_extensions()
+    every = [root] if root.is_file() else sorted(
+        p for p in root.rglob("*") if p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = [p for p in every if p.suffix.lower() in image_extensions()]
+    if len(files) < len(every):
+        print0(acc, f"note: skipped {len(every) - len(files)} files that are not images")
     if not files:
         raise Exit(f"--predict {cfg.predict}: no image files there")
     refuse_to_replace(run.dir / "predictions.csv", cfg)
@@ -541,7 +606,8 @@ def predict(run: Run) -> None:
             out.writerow(["file"] + [f"{w}_{i}" for i in range(1, k + 1)
                                      for w in ("label", "probability")])
             out.writerows([[spreadsheet_safe(v) for v in row] for row in sorted(rows)])
-    print0(acc, f"predicted {len(rows)} images; wrote {run.dir / 'predictions.csv'}")
+    print0(acc, f"predicted {len(rows)} image{'s' * (len(rows) != 1)}; wrote "
+                f"{run.dir / 'predictions.csv'}")
     acc.end_training()
 
 
@@ -601,7 +667,7 @@ def precise_bn(run: Run, model) -> None:
     acc, cfg, data = run.accelerator, run.cfg, run.data
     net = acc.unwrap_model(model)
     norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms or not cfg.precise_bn:
+    if not norms or not cfg.precise_bn or cfg.freeze_backbone:  # frozen: kept as they are
         return
     dataset, ranks = data.train.dataset, acc.num_processes
     picked = epoch_permutation(len(dataset), cfg.seed, run.state.epoch)[:cfg.precise_bn]
@@ -884,13 +950,16 @@ def to_input(images, norm, channels_last: bool):
 # ----------------------------------------------------------------------------- data
 
 COLOUR_MODES = {"RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "P", "PA"}
-WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}  # > 8 bits: scaled (PIL's convert clips)
+WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}  # > 8 bits: scaled (eight_bits)
+NARROW_MODES = COLOUR_MODES | {"1", "L", "LA", "La"}  # what PIL's convert reads as it is
 VAL_SPLITS = ("validation", "valid", "val", "test")
 PROBE_IMAGES = 512  # images whose headers decide colour and size: spread over the whole split
 SPLIT_DIRS = {"train": "train", "training": "train", "validation": "validation",
               "valid": "validation", "val": "validation", "dev": "validation", "test": "test",
               "testing": "test"}
 DATA_FILES = (".parquet", ".arrow", ".csv", ".tsv", ".json", ".jsonl")  # a Hub download
+STRINGS = ("string", "large_string")
+LABEL_FILES = (".csv", ".tsv", ".jsonl", ".json")  # --dataset FILE: a row per image
 READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError)  # PIL's ways of saying "not an image"
 
 
@@ -944,14 +1013,25 @@ def image_folder(root: Path):
     if walked is None:
         return None
     found, skipped, digest = walked
-    split_layout = all(len(p) > 2 and p[0].lower() in SPLIT_DIRS for p in found)
+    # Split folders (train/, val/, ...) when any holds class folders. A top-level folder of
+    # loose images (Kaggle's unlabelled test/) or one that is not a split is not training data.
+    split_layout = any(len(p) > 2 and p[0].lower() in SPLIT_DIRS for p in found)
+    left_out = []
+    for top in sorted({p[0] for p in found if len(p) > 1} if split_layout else ()):
+        inside = [p for p in found if p[0] == top]
+        if all(len(p) == 2 for p in inside) or top.lower() not in SPLIT_DIRS:
+            left_out.append(f"skipped {top}/: {len(inside)} images " + (
+                "outside class folders (unlabelled: --predict is for them)"
+                if all(len(p) == 2 for p in inside) else "(not a split: train, val, test)"))
+            found = [p for p in found if p[0] != top]
     loose = [Path(*p) for p in found if len(p) < (3 if split_layout else 2)]
     if loose:
         raise Exit(f"{len(loose)} image(s) in {root} outside any class folder (e.g. {loose[0]}); "
                    "put each image in a folder named after its class")
     if split_layout:  # a split folder without images would be silently replaced
         empty = [d.name for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLIT_DIRS
-                 and not any(p[0] == d.name for p in found)]
+                 and not any(p[0] == d.name for p in found)
+                 and not any(line.startswith(f"skipped {d.name}/") for line in left_out)]
         if empty:
             raise Exit(f"{root / empty[0]} holds no images; add images to it or remove it")
     rows: dict[str, list] = {}
@@ -968,7 +1048,8 @@ def image_folder(root: Path):
                                   "label": datasets.ClassLabel(names=classes)})
     note = (f"folder: {len(found)} images in {len(classes)} classes ({listing(classes)})"
             + (f", splits {listing(rows)}" if split_layout else "")
-            + (f"; skipped {skipped} files that are not images" if skipped else ""))
+            + (f"; skipped {skipped} files that are not images" if skipped else "")
+            + "".join(f"\nnote: {line}" for line in left_out))
     # datasets fingerprints an in-memory dataset by its contents, here paths and labels; the
     # files' sizes and times in its description make an edited image a new dataset, so that
     # --data_mode cache (keyed by the fingerprint) decodes it again.
@@ -984,30 +1065,96 @@ def load_source(cfg: Config, hub: str | None):
     if cfg.dataset == "digits":
         return digits_dataset(), ""
     path = Path(cfg.dataset).expanduser()
+    if path.is_file() and path.suffix.lower() in LABEL_FILES:
+        return label_file(path, cfg), ""
     if path.is_file():
         raise Exit(f"--dataset {cfg.dataset} is a file; pass a folder of class subfolders, a "
-                   "save_to_disk directory, a Hub id or 'digits'")
+                   f"label file ({listing(LABEL_FILES)}), a save_to_disk directory, a Hub id "
+                   "or 'digits'")
     saved = any((path / f).exists() for f in ("dataset_dict.json", "state.json"))
     if path.is_dir() and not saved and (folder := image_folder(path)) is not None:
         return folder
     if path.is_dir():
+        tables = sorted(f.name for f in path.iterdir() if f.suffix.lower() in LABEL_FILES
+                        and not f.name.startswith("metadata."))
+        if tables and any(f.suffix.lower() in image_extensions() for f in path.rglob("*")):
+            raise Exit(f"--dataset {path} holds images and {listing(tables)}: to take the labels "
+                       f"from a file, pass the file: --dataset {path / tables[0]}")
         try:  # a save_to_disk directory, or a Hub download (dataset card + data files)
             return (datasets.load_from_disk(str(path)) if saved
                     else datasets.load_dataset(str(path))), ""
         except Exception as e:  # an empty split, a damaged file, ...
-            raise Exit(f"cannot load {cfg.dataset}: {first_line(e)}") from None
+            raise Exit(f"cannot load {cfg.dataset}: {load_error(e)}") from None
     if hub is None:
         raise Exit(f"--dataset {cfg.dataset}: no such directory")
     try:
         return datasets.load_dataset(cfg.dataset, cfg.dataset_config, revision=cfg.revision), ""
     except Exception as e:  # DatasetNotFoundError, bad config name, gated repo, offline, ...
         if hub == "online":
-            raise Exit(f"cannot load --dataset {cfg.dataset}: {first_line(e)}") from None
+            raise Exit(f"cannot load --dataset {cfg.dataset}: {load_error(e)}") from None
+        try:  # where huggingface_hub's snapshot_download leaves it, if it did
+            import huggingface_hub
+            folder = huggingface_hub.snapshot_download(cfg.dataset, repo_type="dataset",
+                                                       revision=cfg.revision,
+                                                       local_files_only=True)
+        except Exception:
+            folder = None
+        if folder is not None:
+            source, note = load_source(dataclasses.replace(cfg, dataset=folder), None)
+            return source, f"note: reading the Hub cache's copy {folder}\n{note}".strip()
         why = ("the Hugging Face Hub cannot be reached from here" if hub == "unreachable" else
                "HF_HUB_OFFLINE=1 is set, so nothing is downloaded (unset it to download)")
         raise Exit(f"--dataset {cfg.dataset}: no local folder of that name, not in the local "
                    f"Hub cache, and {why}; or save it where there is network "
                    "(load_dataset(...).save_to_disk(DIR)) and pass --dataset DIR") from None
+
+
+def load_error(e: Exception) -> str:
+    """datasets' error, or what it means where it says it badly."""
+    sizes = re.findall(r"name='([^']*)', num_bytes=\d+, num_examples=(\d+)", str(e))
+    if type(e).__name__ == "NonMatchingSplitsSizesError" and len(sizes) >= 2:  # cut short
+        (split, card), (_, files) = sizes[:2]
+        return (f"its card records {card} examples in split '{split}', the files hold "
+                f"{files}: an incomplete download? Download it again")
+    return first_line(e)
+
+
+def label_file(path: Path, cfg: Config):
+    """--dataset FILE.csv / .jsonl: a row per image, with a column of image paths (relative to
+    the file; names or ids without a file ending are looked up among the images under the
+    file's folder, as Kaggle ships them) and a label column."""
+    try:
+        table = datasets.load_dataset("json" if "json" in path.suffix.lower() else "csv",
+                                      data_files=str(path), split="train",
+                                      **({"sep": "\t"} if path.suffix.lower() == ".tsv" else {}))
+    except Exception as e:
+        raise Exit(f"cannot read --dataset {path}: {load_error(e)}") from None
+    folder, found = path.parent.resolve(), {}
+    for f in sorted(folder.rglob("*")):
+        if f.suffix.lower() in image_extensions():
+            for key in (f.name, f.stem):
+                found[key] = str(f) if key not in found else None  # None: ambiguous
+    columns = [cfg.image_column] if cfg.image_column else list(table.features)
+    for col in columns:
+        values = [str(v) for v in table[col]] if col in table.features else []
+        paths = [str(folder / v) if (folder / v).is_file() else found.get(v) for v in values]
+        if len(paths) > 2 * paths.count(None):
+            break
+    else:
+        raise Exit(f"--dataset {path}: no column of image paths among {listing(table.features)}; "
+                   f"paths are read relative to {folder} (--image_column names the column)")
+    if None in paths:
+        missing = values[paths.index(None)]
+        raise Exit(f"--dataset {path}: {paths.count(None)} of {len(paths)} rows name no image "
+                   f"file (e.g. '{missing}' in column '{col}', under {folder})")
+    labels = [n for n in table.features if n != col]
+    label_col = cfg.label_column or ("label" if "label" in labels else labels[0] if len(
+        labels) == 1 else None)
+    if label_col not in labels:
+        raise Exit(f"--dataset {path}: which column is the label? name it with --label_column "
+                   f"(columns: {listing(labels)})")
+    table = datasets.Dataset.from_dict({col: paths, label_col: table[label_col]})
+    return table.cast_column(col, datasets.Image()).class_encode_column(label_col)
 
 
 def describe(feature) -> str:
@@ -1021,19 +1168,24 @@ def describe(feature) -> str:
 def find_columns(split, image_column: str | None, label_column: str | None
                  ) -> tuple[str, str, str]:
     """The image and label columns, and a line saying which were chosen among which."""
-    features = split.features
+    features, image_note = split.features, ""
     images = [n for n, f in features.items() if isinstance(f, datasets.Image)]
     labels = [n for n, f in features.items() if isinstance(f, datasets.ClassLabel)]
     for flag, wanted in (("--image_column", image_column), ("--label_column", label_column)):
         if wanted is not None and wanted not in features:
             raise Exit(f"{flag} {wanted}: no such column; the columns are {listing(features)}")
     if image_column is None:
+        if not images and getattr(features.get("image"), "dtype", "") in STRINGS:
+            images = ["image"]  # file paths
         if not images:
             raise Exit(f"no Image column among {listing(features)}; name it with "
                        "--image_column NAME")
         image_column = "image" if "image" in images else images[0]
+        if len(images) > 1:
+            others = listing(n for n in images if n != image_column)
+            image_note = f" (other image columns: {others}; --image_column picks one)"
     elif not (image_column in images or getattr(features[image_column], "dtype", "") in (
-            "string", "large_string", "binary", "large_binary")):  # paths or encoded bytes
+            *STRINGS, "binary", "large_binary")):  # paths or encoded bytes
         raise Exit(f"--image_column {image_column} holds {describe(features[image_column])}, "
                    f"not images; image columns: {listing(images) or 'none'}")
     if label_column is None:
@@ -1044,12 +1196,15 @@ def find_columns(split, image_column: str | None, label_column: str | None
         label_column = "label" if "label" in labels or not labels else labels[0]
     feature = features[label_column]
     kind = getattr(feature, "dtype", "")
+    if isinstance(feature, (datasets.Sequence, list)):
+        raise Exit(f"--label_column {label_column} holds lists of labels (multi-label): not "
+                   "supported; train.py trains one class per image")
     if not (isinstance(feature, datasets.ClassLabel) or kind.startswith(("int", "uint"))
             or kind in ("string", "large_string")) or label_column == image_column:
         raise Exit(f"--label_column {label_column} holds {describe(feature)}, not class labels; "
                    f"label columns: {listing(labels) or 'none'}")
     others = [n for n in labels if n != label_column]
-    note = f'columns: image column "{image_column}", label column "{label_column}"'
+    note = f'columns: image column "{image_column}"{image_note}, label column "{label_column}"'
     if others:
         note += f" (other label columns: {listing(others)}; --label_column picks one)"
     return image_column, label_column, note
@@ -1097,15 +1252,21 @@ def load_splits(cfg: Config, hub: str | None) -> Splits:
     """Train and validation splits with an image column (undecoded) and a ClassLabel column
     whose classes mean the same in both."""
     source, folder_note = load_source(cfg, hub)
-    val = None
+    val, val_name, train_name = None, None, "train"
     if isinstance(source, datasets.DatasetDict):
         if not source:
             raise Exit(f"--dataset {cfg.dataset} has no splits")
         train_name = "train" if "train" in source else next(iter(source))
-        val = next((source[s] for s in VAL_SPLITS if s in source and s != train_name), None)
-        source = source[train_name]
+        val_name = next((s for s in VAL_SPLITS if s in source and s != train_name), None)
+        val, source = source[val_name] if val_name else None, source[train_name]
     train = source
     image_col, label_col, note = find_columns(train, cfg.image_column, cfg.label_column)
+    if val is not None and label_col in val.features and (
+            isinstance(val.features[label_col], datasets.ClassLabel)) and len(val) and (
+            labels_of(val, label_col) < 0).all():  # as many Hub datasets publish their test split
+        note += (f'\nnote: split "{val_name}" has no labels (all -1): not used for validation; '
+                 f'--val_fraction {cfg.val_fraction} of "{train_name}" held out instead')
+        val = None
     if len(train) == 0 or (val is not None and len(val) == 0):
         raise Exit(f"--dataset {cfg.dataset} has an empty split; add images to it")
     if val is not None and not {image_col, label_col} <= set(val.features):
@@ -1150,7 +1311,11 @@ def hold_out(labels, classes, fraction: float, seed: int) -> tuple[list, list]:
         train, val = next(datasets.utils.stratify.stratified_shuffle_split_generate_indices(
             labels, len(labels) - n_val, n_val, rng=np.random.default_rng(seed)))
     except ValueError as e:  # fewer images in one part than there are classes
-        raise Exit(f"{why}: {first_line(e)}") from None
+        k, n = int((counts > 0).sum()), len(labels)
+        least = math.ceil(20 * k / n - 1e-9) / 20  # a validation image for every class
+        fix = (f"--val_fraction {least:g} or more gives every class one" if n - least * n >= k
+               else "add images or a validation split")
+        raise Exit(f"{why}: {first_line(e)}; {fix}") from None
     return train.tolist(), val.tolist()
 
 
@@ -1169,7 +1334,19 @@ def align_classes(split, label_col: str, names: list[str], whose: str):
 
 
 def open_image(image: dict):
-    return PIL.Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
+    source = (lambda: io.BytesIO(image["bytes"])) if image.get("bytes") else lambda: image["path"]
+    try:
+        return PIL.Image.open(source())
+    except PIL.Image.DecompressionBombError:  # from the header's size: nothing was decoded
+        limit, PIL.Image.MAX_IMAGE_PIXELS = PIL.Image.MAX_IMAGE_PIXELS, None
+        try:
+            with PIL.Image.open(source()) as im:
+                w, h = im.size
+        finally:
+            PIL.Image.MAX_IMAGE_PIXELS = limit
+        raise Exit(f"image {image.get('path') or 'in the data'}: {w}x{h} pixels, more than "
+                   f"--max_image_pixels {2 * limit} (PIL's guard against decompression bombs); "
+                   f"if it is a real image, pass --max_image_pixels {w * h}") from None
 
 
 def unreadable(image: dict, where: str, error: BaseException) -> Exit:
@@ -1239,9 +1416,10 @@ def decode(image: dict, mode: str, size: tuple[int, int], where: str, cover: flo
             if im.format == "JPEG" and scale < 0.5:  # decode at 1/2..1/8 scale: photos 4-16x faster
                 im.draft(None, (math.ceil(im.size[0] * scale), math.ceil(im.size[1] * scale)))
             PIL.ImageOps.exif_transpose(im, in_place=True)
-            if im.mode in WIDE_MODES:  # 0..65535 -> 0..255 (torchvision's to_dtype convention)
-                im = PIL.Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) >> 8)
-                                         .astype(np.uint8))
+            if im.mode in WIDE_MODES:  # PIL's convert would clip them to 0..255
+                im = PIL.Image.fromarray(eight_bits(np.asarray(im)))
+            elif im.mode not in NARROW_MODES:
+                raise ValueError(f"its pixel mode {im.mode} is not supported")
             pixels = TF.pil_to_tensor(im.convert(mode))
     except READ_ERRORS as e:
         raise unreadable(image, where, e) from None
@@ -1252,6 +1430,19 @@ def decode(image: dict, mode: str, size: tuple[int, int], where: str, cover: flo
                            antialias=True)
         pixels = TF.center_crop(pixels, [h, w])
     return pixels
+
+
+def eight_bits(a):
+    """Wide pixels -> uint8, as torchvision's to_dtype scales: floats from 0..1 (or 0..255 or,
+    beyond that, the image's own range); integers from 16 bits, or from as many bits as the
+    image's largest value needs (32-bit "I" images)."""
+    if a.dtype.kind == "f":
+        a = np.nan_to_num(a.astype(np.float64))
+        lo, hi = (0, 1) if a.min() >= 0 and a.max() <= 1 else (0, 255) if a.min() >= 0 \
+            and a.max() <= 255 else (a.min(), max(a.max(), a.min() + 1e-12))
+        return np.round((a - lo) * (255 / (hi - lo))).astype(np.uint8)
+    a = a.astype(np.int64).clip(0)
+    return (a >> (max(16, int(a.max()).bit_length()) - 8)).astype(np.uint8)
 
 
 def pil_mode(meta: dict) -> str:
@@ -1391,7 +1582,10 @@ def build_data(run: Run) -> Data:
     sizes, colour = probe_images(s.source_train, s.image_col)  # the same for every --seed
     resolved, meta, note = preprocessing(cfg, s, sizes, colour)
     batch, batch_note = batch_size(cfg, len(s.train), acc.num_processes)
-    for line in [*s.notes, note, batch_note]:
+    counts = (f"data: {len(s.train)} training and {len(s.val)} validation images, "
+              f"{len(s.class_names)} classes ({listing(s.class_names)})"
+              + (f"; validation held out (--val_fraction {cfg.val_fraction})" if s.rows else ""))
+    for line in [*s.notes, counts, note, batch_note]:
         if line:
             print0(acc, line)
     parts = part_of(s, meta, True), part_of(s, meta, False)
@@ -1514,6 +1708,7 @@ class LoopState:
     step: int = 0               # optimizer steps so far
     evaluated: int = 0          # epochs whose evaluation is done (it follows their checkpoint)
     best_val_acc: float = -1.0
+    best_epoch: int = 0         # the epoch whose weights model_best.safetensors holds
     skipped_steps: int = 0      # steps dropped by --nan_policy skip
     train_time_s: float = 0.0   # summed over resumes
     epoch_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss*n, correct, n
@@ -1735,8 +1930,9 @@ def lock_run_dir(run_dir: Path):
     return lock
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "model.safetensors", "checkpoints",
-             "tensorboard")
+RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "model.safetensors",
+             "model_best.safetensors", "model_ema.safetensors", "curves.png", "confusion.png",
+             "checkpoints", "tensorboard")
 
 
 def prepare_run_dir(run: Run) -> tuple[Path | None, object]:
@@ -1990,7 +2186,8 @@ def tracker_config(cfg: Config) -> dict:
 
 CHECKS = [  # (field, ok, requirement)
     *[(name, lambda v: v >= 1, "at least 1") for name in ("epochs", "gradient_accumulation_steps")],
-    *[(name, lambda v: v > 0, "> 0") for name in ("lr", "memory_budget_gb", "head_lr_scale")],
+    *[(name, lambda v: v > 0, "> 0") for name in ("lr", "memory_budget_gb", "head_lr_scale",
+                                                  "max_image_pixels")],
     *[(name, lambda v: v >= 0, ">= 0") for name in (
         "weight_decay", "max_grad_norm", "warmup_steps", "precise_bn", "mixup", "cutmix",
         "log_every", "checkpoint_every", "keep_checkpoints", "threads")],
@@ -2283,7 +2480,7 @@ def make_accelerator(cfg: Config, cpu: bool, run_dir: Path):
 # --data_mode cache: each split decoded once, in worker processes, into a file of uint8 rows
 # under --cache_dir, named by all it depends on, and read by index.
 
-CACHE_FORMAT = 1  # in every cache key: bump it when decode() changes what it makes
+CACHE_FORMAT = 2  # in every cache key: bump it when decode() changes what it makes
 
 
 class OnDisk:
@@ -2338,8 +2535,25 @@ def cache_folder(root: Path, split, image_col: str, label_col: str, meta: dict, 
     split covers its rows and how they were chosen (held out with which seed, relabelled);
     an image folder's also covers its files' sizes and times (image_folder)."""
     key = [CACHE_FORMAT, split._fingerprint, image_col, label_col, meta["channels"],
-           *stored(meta, train)]
+           *stored(meta, train), referenced_files(split, image_col)]
     return root / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
+
+
+def referenced_files(split, image_col: str) -> str | None:
+    """For images stored as paths (a save_to_disk or parquet dataset pointing at files), a
+    digest of the files' names, sizes and times: datasets' fingerprint only covers the paths.
+    None for stored bytes, and for image folders (their fingerprint covers their files)."""
+    if (split.info.description or "").startswith("image folder ") or not len(split) or (
+            split[0][image_col].get("bytes") is not None):
+        return None
+    files = hashlib.sha256()
+    for image in split.select_columns([image_col])[:][image_col]:
+        try:
+            info = os.stat(image["path"]) if image["bytes"] is None else None
+        except OSError:  # decode() names a missing file
+            info = None
+        files.update(f"{image['path']}\0{info and (info.st_size, info.st_mtime_ns)}\n".encode())
+    return files.hexdigest()
 
 
 def cached(root: Path, source: Source, meta: dict, train: bool):
@@ -2423,7 +2637,9 @@ def build_cache(folder: Path, source: Source, meta: dict, train: bool) -> OnDisk
     workers = cpu_count() if len(split) > 500 else 0
     tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     print(f"cache: decoding {len(split)} {'training' if train else 'evaluation'} images "
-          f"({size_text(need)}) into {folder} with {workers} worker processes", flush=True)
+          f"({size_text(need)}) into {folder} "
+          + (f"with {workers} worker processes" if workers else "in this process (few images)"),
+          flush=True)
     t0 = time.perf_counter()
     try:
         tmp.mkdir()
@@ -2457,8 +2673,10 @@ def write_cache(tmp: Path, source: Source, meta: dict, train: bool, workers: int
         Decoded(split, source.image_col, source.label_col, pil_mode(meta), size, cover),
         batch_size=256, num_workers=workers, worker_init_fn=ignore_stop_signals)
     with open(tmp / "images.u8", "wb") as f:
-        for images, _ in tqdm(loader, desc="decoding", disable=not sys.stderr.isatty(),
-                              leave=False):
+        # tqdm.auto's asyncio class calls iter() on an iterable at once, and the for loop
+        # again: a DataLoader would start its workers twice. Hand it the one iterator.
+        for images, _ in tqdm(iter(loader), total=len(loader), desc="decoding",
+                              disable=not sys.stderr.isatty(), leave=False):
             f.write(images.numpy().data)
         f.flush()
         os.fsync(f.fileno())
@@ -2634,10 +2852,33 @@ def remember_accelerate_answers() -> None:
             inspect.signature))
 
 
+def quiet_broken_pipes() -> None:
+    """Python 3.11's multiprocessing resource_sharer thread, which hands loader workers the
+    file descriptors of shared tensors, reports a BrokenPipeError through sys.excepthook when
+    the worker it serves is shut down by an exit (a stop during the cache build): a traceback
+    after the one line. Only that kind, from a thread other than the main one, is silenced."""
+    hook = sys.excepthook
+
+    def excepthook(kind, value, tb):
+        if not (issubclass(kind, (BrokenPipeError, ConnectionResetError))
+                and threading.current_thread() is not threading.main_thread()):
+            hook(kind, value, tb)
+    sys.excepthook = excepthook
+
+
 if __name__ == "__main__":
+    quiet_broken_pipes()
     code = main()
     # The interpreter puts the default handlers back while it shuts down, and a stop signal
     # then would turn the exit code into 143 or 138: the run is over, ignore them.
     for signum in signal_numbers("INT,TERM,USR1,USR2"):
         signal.signal(signum, signal.SIG_IGN)
+    # Loader workers that an error left running (their iterator not yet collected) ignore
+    # SIGTERM (ignore_stop_signals), which multiprocessing's exit handler sends them before
+    # it waits for them, forever: the run is over, end them (torch's SIGCHLD handler would
+    # report their end as a failure).
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join()
     sys.exit(code)

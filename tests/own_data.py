@@ -352,3 +352,128 @@ def nested_folder(root: Path, per_class: int = 40, seed: int = 4) -> Path:
         (root / name / ".DS_Store").write_bytes(b"\0\1 not an image")
     (root / "README.txt").write_text("holiday photos\n")
     return root
+
+
+# ----------------------------------------------------------------------------- downloads
+# (tests/test_downloads.py): layouts and files as downloaded from Kaggle, the Hub, scanners.
+
+def loose_digits(folder: Path, count: int, size: int = 12, offset: int = 300) -> Path:
+    """`count` unlabelled digits straight in `folder` (no class folders): u000.png, ..."""
+    for k in range(count):
+        save(digit(offset + k, size), folder / f"u{k:03d}.png")
+    return folder
+
+
+def kaggle_folder(root: Path, per_class: int = 20, loose: int = 12, size: int = 12) -> Path:
+    """A Kaggle competition download: train/{zero,one,two}/*.png (labelled) beside test/*.png,
+    `loose` unlabelled images outside any class folder."""
+    for c, name in enumerate(CLASSES3):
+        for k, i in enumerate(digit_indices(c)[:per_class]):
+            save(digit(i, size), root / "train" / name / f"{k:03d}.png")
+    loose_digits(root / "test", loose, size)
+    return root
+
+
+def unlabeled_beside_splits(root: Path, train_per_class: int = 16, val_per_class: int = 5,
+                            loose: int = 7, size: int = 12) -> Path:
+    """train/{zero,one,two}/, val/{zero,one,two}/ and unlabeled/*.png (`loose` images)."""
+    three_class_folder(root, train_per_class, val_per_class, size)
+    (root / "validation").rename(root / "val")
+    loose_digits(root / "unlabeled", loose, size)
+    return root
+
+
+def mixed_split_folder(root: Path, per_class: int = 10, size: int = 12) -> Path:
+    """train/{zero,one,two}/ and validation/{zero,one,two}/, plus one image straight in
+    train/ (train/stray.png): a split folder holding class folders and a loose image."""
+    three_class_folder(root, per_class, per_class // 2, size)
+    save(digit(400, size), root / "train" / "stray.png")
+    return root
+
+
+def float_tiff(values: np.ndarray, path: Path) -> Path:
+    """A 32-bit float greyscale TIFF (PIL mode "F"): what scientific cameras and scanners write."""
+    img = PIL.Image.fromarray(np.asarray(values, dtype=np.float32), mode="F")
+    assert img.mode == "F", img.mode
+    return save(img, path)
+
+
+def float_tiff_folder(root: Path, per_class: int = 30, size: int = 16, seed: int = 8) -> Path:
+    """Two classes of size x size float TIFFs with values in 0..1: a/ bright left half, b/
+    bright right half (0.75 against 0.15, noise 0.05)."""
+    rng = np.random.default_rng(seed)
+    for name in "ab":
+        for k in range(per_class):
+            a = np.full((size, size), 0.15)
+            if name == "a":
+                a[:, :size // 2] = 0.75
+            else:
+                a[:, size // 2:] = 0.75
+            a = np.clip(a + rng.normal(0, 0.05, a.shape), 0, 0.99)
+            float_tiff(a, root / name / f"{k:03d}.tif")
+    return root
+
+
+def two_image_columns(path: Path, per_class: int = 20, size: int = 12) -> Path:
+    """save_to_disk DatasetDict (train, validation) with Image columns `before` and `after`
+    (neither named image: the digit, and the digit flipped) and a ClassLabel `label`."""
+    import datasets
+    features = datasets.Features({"before": datasets.Image(), "after": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=CLASSES3)})
+    splits = {}
+    for split, (lo, hi) in (("train", (0, per_class)), ("validation", (per_class, per_class + 6))):
+        rows = [(i, c) for c in range(3) for i in digit_indices(c)[lo:hi]]
+        splits[split] = datasets.Dataset.from_dict(
+            {"before": [digit(i, size) for i, _ in rows],
+             "after": [digit(i, size).transpose(PIL.Image.FLIP_LEFT_RIGHT) for i, _ in rows],
+             "label": [c for _, c in rows]}, features=features)
+    datasets.DatasetDict(splits).save_to_disk(str(path))
+    return path
+
+
+def unlabelled_test_split(path: Path, train_per_class: int = 30, test_images: int = 24,
+                          size: int = 12) -> Path:
+    """save_to_disk DatasetDict: "train" (digits 0-2, labelled) and "test" whose labels are all
+    -1 (a competition's test set: same ClassLabel names, no answers)."""
+    import datasets
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=CLASSES3)})
+    rows = [(i, c) for c in range(3) for i in digit_indices(c)[:train_per_class]]
+    test = [digit_indices(k % 3)[train_per_class + k // 3] for k in range(test_images)]
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"image": [digit(i, size) for i, _ in rows],
+                                             "label": [c for _, c in rows]}, features=features),
+        "test": datasets.Dataset.from_dict({"image": [digit(i, size) for i in test],
+                                            "label": [-1] * len(test)}, features=features),
+    }).save_to_disk(str(path))
+    return path
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A valid-looking 8-bit greyscale PNG whose header says width x height, with a tiny IDAT
+    (a few rows of zeros): a decompression bomb as far as a header probe can tell."""
+    import struct
+    import zlib
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey, no interlace
+    idat = zlib.compress(b"\0" * (4 * (width + 1)))  # 4 rows (filter byte + pixels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat)
+                     + png_chunk(b"IEND", b""))
+    return path
+
+
+def bomb_folder(root: Path, per_class: int = 10, size: int = 12) -> Path:
+    """Class folders zero/ and one/ of small PNGs, plus one/huge.png whose header says
+    20000 x 20000 (400 megapixels: over twice PIL's default MAX_IMAGE_PIXELS)."""
+    for c, name in enumerate(CLASSES3[:2]):
+        for k, i in enumerate(digit_indices(c)[:per_class]):
+            save(digit(i, size), root / name / f"{k:03d}.png")
+    png_header_only(root / "one" / "huge.png", 20000, 20000)
+    return root
