@@ -2467,11 +2467,16 @@ def make_accelerator(cfg: Config, cpu: bool, run_dir: Path):
     if accelerator.device.type == "cpu" and local > cores:
         print0(accelerator, f"warning: {local} processes on {cores} CPU cores and no GPU: each "
                             "process gets a fraction of a core. Use `python train.py`, or "
-                            f"`accelerate launch --num_processes {cores} ...`")
-    if cfg.threads:
-        if cfg.threads > cores:
-            print0(accelerator, f"note: --threads {cfg.threads} capped at {cores} (CPU cores)")
-        torch.set_num_threads(min(cfg.threads, cores))
+                            f"`torchrun --nproc_per_node {cores} train.py ...`")
+    threads = cfg.threads or (launcher_threads(local) if accelerator.device.type == "cpu" else 0)
+    if threads and not cfg.threads:
+        print0(accelerator, f"note: the launcher set OMP_NUM_THREADS=1: {threads} threads per "
+                            f"process instead ({cores} cores, {local} local processes); "
+                            "--threads or OMP_NUM_THREADS sets it")
+    if cfg.threads > cores:
+        print0(accelerator, f"note: --threads {cfg.threads} capped at {cores} (CPU cores)")
+    if threads:
+        torch.set_num_threads(min(threads, cores))
     remember_accelerate_answers()
     return accelerator
 
@@ -2838,6 +2843,24 @@ def pretrained_state(weights) -> tuple[dict, str]:
     except Exception as e:  # offline, a damaged file, a pickle that is not plain tensors
         raise Exit(f"--pretrained: cannot read {file} ({first_line(e)}); put {weights.url} "
                    "there") from None
+
+
+def launcher_threads(local: int) -> int:
+    """accelerate launch and torchrun set OMP_NUM_THREADS=1 where the user set nothing (so that
+    N processes do not oversubscribe the cores): on 2 cores a CPU run under `accelerate launch`
+    trained at half the speed of `python train.py`. When the launcher (this process's parent,
+    whose starting environment /proc shows) had no OMP_NUM_THREADS: the cores per local
+    process; else 0, the value stands."""
+    launched = "LOCAL_RANK" in os.environ or "ACCELERATE_DYNAMO_BACKEND" in os.environ
+    if os.environ.get("OMP_NUM_THREADS") != "1" or not launched:
+        return 0
+    try:
+        with open(f"/proc/{os.getppid()}/environ", "rb") as f:
+            if any(v.startswith(b"OMP_NUM_THREADS=") for v in f.read().split(b"\0")):
+                return 0
+    except OSError:
+        return 0
+    return max(1, cpu_count() // local)
 
 
 def remember_accelerate_answers() -> None:

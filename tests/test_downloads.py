@@ -104,6 +104,19 @@ def test_float_tiff_decodes_to_its_grey_levels(tmp_path):
                              "expected": expected[-1].tolist()}
 
 
+def test_a_pixel_mode_it_does_not_handle_is_refused_by_name(tmp_path, monkeypatch):
+    """A mode outside the ones decode() converts as they are, or scales, is refused with the
+    file and the mode named, never clipped. (Every mode PIL opens today is handled, so one is
+    taken off the list.)"""
+    path = od.save(PIL.Image.new("LA", (8, 8), (90, 255)), tmp_path / "grey_alpha.png")
+    assert torch.equal(train.decode(image(path), "L", (8, 8), "grey_alpha.png"),
+                       torch.full((1, 8, 8), 90, dtype=torch.uint8))
+    monkeypatch.setattr(train, "NARROW_MODES", train.NARROW_MODES - {"LA"})
+    with pytest.raises(train.Exit) as refused:
+        train.decode(image(path), "L", (8, 8), "grey_alpha.png")
+    assert "grey_alpha.png" in str(refused.value) and "pixel mode LA" in str(refused.value)
+
+
 def test_32_bit_integer_tiff_is_shifted_by_its_bit_depth(tmp_path):
     """Mode "I", values up to 2**20 - 1: shifted right by 20 - 8 = 12 bits (today: clipped to
     65535 first, so everything from 65536 up is 255)."""

@@ -158,3 +158,31 @@ def test_pictures_are_drawn_and_sent_to_tensorboard(tmp_path):
     logs = EventAccumulator(str(next((run / "tensorboard").rglob("events.out.tfevents.*"))))
     logs.Reload()
     assert {"curves", "confusion"} <= set(logs.Tags()["images"]), logs.Tags()
+
+
+def test_accelerate_launch_uses_the_cores_when_the_launcher_chose_one_thread(tmp_path):
+    """`accelerate launch` sets OMP_NUM_THREADS=1 when the user set nothing: train.py then
+    takes the cores per local process (config.json records it); a value the user gave to
+    the launcher stands."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    cores = len(os.sched_getaffinity(0))
+
+    def launch(run: Path, **env) -> dict:
+        base = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch",
+                              "--num_processes", "1", str(ROOT / "train.py"), "--epochs", "1",
+                              "--log_every", "0", "--output_dir", str(run)],
+                             capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                             env={**base, **env})
+        assert out.returncode == 0, out.stderr[-3000:]
+        return {"threads": json.loads((run / "config.json").read_text())["resolved"]["threads"],
+                "out": out.stdout}
+
+    chosen = launch(tmp_path / "auto")
+    assert chosen["threads"] == cores, chosen
+    assert f"the launcher set OMP_NUM_THREADS=1: {cores} threads per process" in chosen["out"]
+    assert launch(tmp_path / "given", OMP_NUM_THREADS="1")["threads"] == 1
