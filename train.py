@@ -2850,17 +2850,19 @@ def launcher_threads(local: int) -> int:
     N processes do not oversubscribe the cores): on 2 cores a CPU run under `accelerate launch`
     trained at half the speed of `python train.py`. When the launcher (this process's parent,
     whose starting environment /proc shows) had no OMP_NUM_THREADS: the cores per local
-    process; else 0, the value stands."""
-    launched = "LOCAL_RANK" in os.environ or "ACCELERATE_DYNAMO_BACKEND" in os.environ
-    if os.environ.get("OMP_NUM_THREADS") != "1" or not launched:
+    process when that is more than 1; else 0, the value stands."""
+    if os.environ.get("OMP_NUM_THREADS") != "1":
         return 0
-    try:
+    try:  # not srun (slurmstepd), a shell or a user's own launcher: only these two
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            command = f.read()
         with open(f"/proc/{os.getppid()}/environ", "rb") as f:
-            if any(v.startswith(b"OMP_NUM_THREADS=") for v in f.read().split(b"\0")):
-                return 0
+            chosen = not any(v.startswith(b"OMP_NUM_THREADS=") for v in f.read().split(b"\0"))
     except OSError:
         return 0
-    return max(1, cpu_count() // local)
+    launcher = any(name in command for name in (b"accelerate", b"torchrun", b"distributed.run"))
+    threads = cpu_count() // local
+    return threads if launcher and chosen and threads > 1 else 0
 
 
 def remember_accelerate_answers() -> None:
