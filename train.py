@@ -1024,6 +1024,10 @@ def image_folder(root: Path):
                 "outside class folders (unlabelled: --predict is for them)"
                 if all(len(p) == 2 for p in inside) else "(not a split: train, val, test)"))
             found = [p for p in found if p[0] != top]
+    named = sorted({p[0] for p in found if len(p) == 2 and p[0].lower() in SPLIT_DIRS})
+    if named and not split_layout:  # never classes named after splits
+        raise Exit(f"{root / named[0]} holds images directly, but {named[0]} names a split: put "
+                   f"them in class folders ({named[0]}/<class>/...), or pass --predict for them")
     loose = [Path(*p) for p in found if len(p) < (3 if split_layout else 2)]
     if loose:
         raise Exit(f"{len(loose)} image(s) in {root} outside any class folder (e.g. {loose[0]}); "

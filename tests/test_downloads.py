@@ -88,6 +88,16 @@ def test_loose_image_inside_a_split_folder_of_classes_is_refused(tmp_path, mixed
     assert "Traceback" not in out, out[-3000:]
 
 
+def test_split_folders_of_loose_images_never_become_classes(tmp_path):
+    """train/*.png beside test/*.png (no class folders anywhere) is not a two-class dataset
+    named "train" and "test" (today: trained as one, exit 0): refused, naming the split."""
+    od.loose_digits(tmp_path / "data" / "train", 20)
+    od.loose_digits(tmp_path / "data" / "test", 10, offset=400)
+    code, out = cli("--dataset", tmp_path / "data", *FAST, "--output_dir", tmp_path / "run")
+    assert code == 2, out[-3000:]
+    assert "names a split" in out and "class folders" in out and "Traceback" not in out, out
+
+
 # ----------------------------------------------------------------------------- 2. float TIFF
 
 def test_float_tiff_decodes_to_its_grey_levels(tmp_path):
