@@ -44,6 +44,7 @@ if __name__ == "__main__":  # first, before the imports below: a stop signal the
         signal.signal(_signum, lambda signum, frame: EARLY_SIGNALS.append(signum))
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import difflib
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         stop.catch(cfg.stop_signals)
         hub = hub_access(cfg.dataset)  # before datasets is imported
         contended = choose_wait_policy()
-        import_libraries()
+        with stop.deferred():  # not raised inside an import: it can leave a module half made
+            import_libraries()
         PIL.Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels // 2  # PIL refuses twice this
         if not (cfg.eval_only or cfg.predict):
             check_model_name(cfg.model)  # before minutes of data loading
@@ -2317,6 +2319,16 @@ class StopFlag:
     def training(self) -> None:
         """From the first step on, a signal only sets the flag (checkpoint, then exit 75)."""
         self.immediate = False
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """A signal while this block runs takes effect when it ends: a KeyboardInterrupt in the
+        middle of numpy's imports left numpy.dtypes half made (a RecursionError, exit 1)."""
+        self.immediate = False
+        yield
+        self.immediate = True
+        if self.signal is not None:
+            self.handle(signal.Signals[self.signal], None)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
