@@ -28,6 +28,13 @@ HANG_TIMEOUT = 240  # s: a run on tens of tiny images takes ~10 s; today's hangs
 
 # ----------------------------------------------------------------------------- helpers
 
+def write_csv(path: Path, header: list, rows) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
 def processes(pid: int) -> str:
     """The still-running process tree under pid, for the message of a hung run."""
     try:
@@ -259,10 +266,8 @@ def test_labels_csv_with_relative_paths_from_another_cwd(tmp_path, elsewhere):
     root = tmp_path / "ds"
     rows = labelled_rows()
     paths = write_images(root, rows, lambda k, label: f"imgs/{label[0]}{k}.png")
-    with open(root / "labels.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file", "label"])
-        writer.writerows([p, label] for p, (_, label) in zip(paths, rows))
+    write_csv(root / "labels.csv", ["file", "label"],
+              ([p, label] for p, (_, label) in zip(paths, rows)))
     code, out = cli("--dataset", root / "labels.csv", "--epochs", 2, "--num_workers", 0,
                     "--output_dir", tmp_path / "run", cwd=elsewhere)
     res = assert_trained_on_names(code, out, tmp_path / "run", NAMES)
@@ -293,10 +298,8 @@ def test_kaggle_csv_of_ids_without_extension(tmp_path, elsewhere):
     ids = [hashlib.md5(f"dog{k}".encode()).hexdigest() for k in range(len(rows))]
     for image_id, (i, _) in zip(ids, rows):
         od.save(od.digit(i, 12).convert("RGB"), root / "train" / f"{image_id}.jpg", quality=95)
-    with open(root / "train.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "breed"])
-        writer.writerows([image_id, breed] for image_id, (_, breed) in zip(ids, rows))
+    write_csv(root / "train.csv", ["id", "breed"],
+              ([image_id, breed] for image_id, (_, breed) in zip(ids, rows)))
     test_ids = [hashlib.md5(f"test{k}".encode()).hexdigest() for k in range(6)]
     for k, image_id in enumerate(test_ids):
         od.save(od.digit(200 + k, 12).convert("RGB"), root / "test" / f"{image_id}.jpg")
@@ -315,10 +318,8 @@ def test_metadata_csv_beside_the_images(tmp_path, elsewhere):
     root = tmp_path / "ds"
     rows = labelled_rows()
     paths = write_images(root, rows, lambda k, label: f"{k:03d}.png")
-    with open(root / "metadata.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file_name", "label"])
-        writer.writerows([p, label] for p, (_, label) in zip(paths, rows))
+    write_csv(root / "metadata.csv", ["file_name", "label"],
+              ([p, label] for p, (_, label) in zip(paths, rows)))
     code, out = cli("--dataset", root, "--epochs", 2, "--num_workers", 0,
                     "--output_dir", tmp_path / "run", cwd=elsewhere)
     res = assert_trained_on_names(code, out, tmp_path / "run", NAMES)
