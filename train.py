@@ -37,7 +37,9 @@ or before training started (requeue me); 1 anything else (a non-finite loss, a f
 from __future__ import annotations
 
 import signal
+import time
 
+T_START = time.perf_counter()  # the process's start, for its printed whole-process time
 EARLY_SIGNALS: list[int] = []  # stop signals that came before main() took over (StopFlag)
 if __name__ == "__main__":  # first, before the imports below: a stop signal then means exit 75
     for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
@@ -66,7 +68,6 @@ import socket
 import stat
 import sys
 import threading
-import time
 import types
 import urllib.parse
 from dataclasses import asdict, dataclass, field, fields
@@ -77,6 +78,7 @@ MAX_IMAGE_SIZE = 4096     # pixels per side: 48 MB per decoded RGB image already
 AUTO_SIZE_CAP = 224       # inferred image sizes stop here (torchvision's classification size)
 MIN_STEPS_PER_EPOCH = 10  # the automatic batch size shrinks (down to 8) to give this many
 EVAL_PIXELS = 2**24       # pixels per --eval_only/--predict batch without --batch_size
+TOP_LOSSES = 50           # validation images listed in top_losses.csv
 
 
 # ----------------------------------------------------------------------------- settings
@@ -138,7 +140,8 @@ class Config:
     # outputs and logging
     output_dir: str | None = opt(None, "run directory; default: a new runs/<date>-<time>-<model>")
     overwrite: bool = opt(False, "replace a finished or different run in --output_dir")
-    log_every: int = opt(50, "optimizer steps between train log lines; 0 = epoch lines only")
+    log_every: int = opt(50, "optimizer steps between train log lines (metrics.jsonl, trackers: "
+                         "at least 4 an epoch); 0 = epoch lines only")
     report_to: str = opt("none", "trackers through Accelerate",
                          ("none", "tensorboard", "wandb", "mlflow", "all"))
     # checkpoints and preemption
@@ -165,7 +168,7 @@ class Config:
 
 def main(argv: list[str] | None = None) -> int:
     """Flags, libraries, the accelerator; then training, --eval_only or --predict."""
-    t_start = time.perf_counter()
+    t_start = T_START if argv is None else time.perf_counter()  # None: the command line
     stop, run_dir, made = StopFlag(), None, False
     try:
         stop.catch(Config.stop_signals)  # first: from here on a stop signal means exit 75
@@ -215,6 +218,7 @@ class Run:
     log: MetricsLog | None = None
     identity: dict = field(default_factory=dict)  # what a checkpoint must match to resume
     saved: dict = field(default_factory=dict)     # the loop_state.json resumed from
+    worst: list = field(default_factory=list)     # the last evaluation's top losses
 
     def __post_init__(self):
         self.cfg = self.cfg or self.asked
@@ -304,8 +308,8 @@ def after_step(run: Run, bar, clock: dict, total: int, stopping: bool) -> None:
     if run.ema is not None:
         run.ema.update_parameters(run.accelerator.unwrap_model(run.model))
     end_of_epoch = state.batch == len(run.data.train)
-    if cfg.log_every and state.step % cfg.log_every == 0 and not end_of_epoch \
-            and state.epoch_sums[2]:
+    every = min(cfg.log_every, max(1, total // cfg.epochs // 4))  # >= 4 points per epoch
+    if cfg.log_every and state.step % every == 0 and not end_of_epoch and state.epoch_sums[2]:
         log_train(run, bar, clock, total)
     if not (end_of_epoch or stopping or (
             cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0)):
@@ -327,7 +331,8 @@ def after_step(run: Run, bar, clock: dict, total: int, stopping: bool) -> None:
 
 
 def log_train(run: Run, bar, clock: dict, total: int) -> None:
-    """A train event: metrics.jsonl and the trackers, and the progress bar or a plain line."""
+    """A train event: metrics.jsonl, the trackers and the progress bar; a plain line (no
+    terminal) every --log_every steps."""
     state, acc = run.state, run.accelerator
     loss_sum, correct, count = state.epoch_sums
     per_step = run.cfg.batch_size * run.cfg.gradient_accumulation_steps * acc.num_processes
@@ -338,7 +343,7 @@ def log_train(run: Run, bar, clock: dict, total: int) -> None:
             lr=lr, images_per_s=round(rate, 1))
     if interactive(acc):
         bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.2%}")
-    else:
+    elif state.step % run.cfg.log_every == 0:
         print0(acc, f"epoch {state.epoch + 1} step {state.step}/{total}  loss "
                     f"{loss_sum / count:.4f} acc {correct / count:.2%}  lr {lr:.4g}  "
                     f"{rate:.0f} img/s")
@@ -401,9 +406,11 @@ def evaluate_epoch(run: Run) -> None:
     precise_bn(run, run.model)
     metrics = {**state.last_metrics, **evaluate(acc, run.model, data.val, data.meta,
                                                  run.cfg.channels_last)}
+    run.worst = metrics.pop("val_top_losses")
     if run.ema is not None:  # its BatchNorm statistics recomputed for its weights as well
         precise_bn(run, run.ema.module)
         averaged = evaluate(acc, run.ema.module, data.val, data.meta, run.cfg.channels_last)
+        averaged.pop("val_top_losses")
         metrics.update(val_acc_ema=averaged["val_acc"], val_loss_ema=averaged["val_loss"])
     run.model.train()
     keep_frozen(run)
@@ -428,11 +435,13 @@ def evaluate_epoch(run: Run) -> None:
 def training(run: Run) -> None:
     """A training run from its data to its results: set up (or resumed), trained, saved."""
     acc, cfg = run.accelerator, run.asked
-    run.data = build_data(run)  # resolves run.cfg
+    if (run.dir / "results.json").exists() and cfg.resume == "auto" and not cfg.overwrite:
+        already_holds(run.dir, "a finished run (results.json)")  # before minutes of loading
     start = None
     if cfg.pretrained or cfg.init_from:  # read (or downloaded, once per machine) up front
         with acc.main_process_first():
-            start = starting_state(run.cfg)
+            start = starting_state(cfg)
+    run.data = build_data(run)  # resolves run.cfg
     resume, lock = prepare_run_dir(run)
     try:
         accelerate.utils.set_seed(cfg.seed)
@@ -480,10 +489,21 @@ def load_checkpoint(run: Run, resume: Path) -> None:
 
 
 def write_results(run: Run, startup: float, resume: Path | None) -> None:
+    """The weights, the pictures, top_losses.csv, then results.json (a finished run's mark),
+    with the whole-process time measured last."""
     acc, state, cfg = run.accelerator, run.state, run.cfg
+    confused = mistakes(run, run.worst, state.last_metrics.get("val_confusion_matrix"),
+                        run.data.val_split, run.data.meta["class_names"])
+    if acc.is_main_process:
+        save_weights(acc.unwrap_model(run.model), run.dir / "model.safetensors", run.data.meta)
+        if run.ema is not None:
+            save_weights(run.ema.module, run.dir / "model_ema.safetensors", run.data.meta)
+        draw_pictures(run)
+        for old in checkpoints(run.dir)[1:] if "keep_checkpoints" not in run.given else []:
+            shutil.rmtree(old)  # finished: the newest is what resuming a longer run needs
     rss, dev = peak_memory_mb(acc)
-    wall_time = time.perf_counter() - run.t_start
     images = cfg.epochs * len(run.data.train) * cfg.batch_size * acc.num_processes
+    wall_time = time.perf_counter() - run.t_start
     results = {**state.last_metrics, "steps": state.step, "epochs": cfg.epochs,
                "wall_time_s": round(wall_time, 3), "startup_s": round(startup, 3),
                "train_time_s": round(state.train_time_s, 3),
@@ -492,16 +512,10 @@ def write_results(run: Run, startup: float, resume: Path | None) -> None:
                    images / state.train_time_s / acc.num_processes, 1),
                "peak_rss_mb": rss, "peak_device_mb": dev, "num_processes": acc.num_processes,
                "best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch,
-               "skipped_steps": state.skipped_steps,
+               "skipped_steps": state.skipped_steps, "most_confused": confused,
                "data_mode": cfg.data_mode, "resumed_from": str(resume) if resume else None}
     if acc.is_main_process:
-        save_weights(acc.unwrap_model(run.model), run.dir / "model.safetensors", run.data.meta)
-        if run.ema is not None:
-            save_weights(run.ema.module, run.dir / "model_ema.safetensors", run.data.meta)
         write_json(run.dir / "results.json", results)
-        draw_pictures(run)
-        for old in checkpoints(run.dir)[1:] if "keep_checkpoints" not in run.given else []:
-            shutil.rmtree(old)  # finished: the newest is what resuming a longer run needs
     print0(acc, f"done: val acc {results['val_acc']:.2%} (best {state.best_val_acc:.2%}, epoch "
                 f"{state.best_epoch}: model_best.safetensors), {state.step} steps, "
                 f"{wall_time:.1f}s (whole process, imports included); wrote {run.dir}")
@@ -557,11 +571,16 @@ def evaluate_only(run: Run) -> None:
     loader = make_loader(run, Source(split, image_col, label_col, part), meta, mode,
                          eval_batch(meta, cfg.batch_size), None)
     metrics = evaluate(acc, acc.prepare(model), loader, meta, cfg.channels_last)
+    worst = metrics.pop("val_top_losses")
     results = {**metrics, "weights": str(cfg.weights), "evaluated": what,
                "num_processes": acc.num_processes,
                "wall_time_s": round(time.perf_counter() - run.t_start, 3)}
     if acc.is_main_process:
         run.dir.mkdir(parents=True, exist_ok=True)
+    run.cfg = dataclasses.replace(cfg, image_column=image_col)
+    results["most_confused"] = mistakes(run, worst, metrics.get("val_confusion_matrix"), split,
+                                        meta["class_names"])
+    if acc.is_main_process:
         write_json(run.dir / "results.json", results)
     print0(acc, f"eval: {what}, {metrics['val_count']} images: loss {metrics['val_loss']:.4f} "
                 f"acc {metrics['val_acc']:.2%}; wrote {run.dir / 'results.json'}")
@@ -639,11 +658,15 @@ def evaluate(accelerator, model, loader, meta: dict, channels_last: bool) -> dic
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     per_class = torch.zeros(2, k, dtype=torch.int64, device=device)  # seen, hit
     confusion = torch.zeros(k * k if k <= 100 else 0, dtype=torch.int64, device=device)
+    every = []  # per image, in the split's order (the processes' batches interleave back)
     for logits, labels in inferred(model, loader, meta, device, channels_last):
         losses = F.cross_entropy(logits, labels, reduction="none")
         top5 = (logits.topk(min(5, k), 1).indices == labels[:, None]).any(1)
-        losses, preds, labels, top5 = accelerator.gather_for_metrics(
-            (losses, logits.argmax(1), labels, top5))
+        prob, preds = logits.softmax(1).max(1)
+        losses, preds, labels, top5, prob = accelerator.gather_for_metrics(
+            (losses, preds, labels, top5, prob))
+        every.append(torch.stack([losses.double(), labels.double(), preds.double(),
+                                  prob.double()], 1))
         totals += torch.stack([losses.double().sum(), (preds == labels).double().sum(),
                                top5.double().sum(), torch.tensor(
                                    losses.numel(), dtype=torch.float64, device=device)])
@@ -659,7 +682,35 @@ def evaluate(accelerator, model, loader, meta: dict, channels_last: bool) -> dic
                                      for name, n, h in zip(meta["class_names"], seen, hit)}}
     if len(confusion):
         metrics["val_confusion_matrix"] = confusion.view(k, k).tolist()
+    every = torch.cat(every).cpu()
+    order = torch.sort(every[:, 0], descending=True, stable=True).indices[:TOP_LOSSES]
+    metrics["val_top_losses"] = [(i, int(every[i, 1]), int(every[i, 2]), float(every[i, 3]),
+                                  float(every[i, 0])) for i in order.tolist()]
     return metrics
+
+
+def mistakes(run: Run, worst: list, matrix: list | None, split, names: list[str]) -> list:
+    """top_losses.csv: the validation images with the highest loss (`worst`, from evaluate:
+    their file, or row of `split`), their class, the predicted class and its probability.
+    Returns (and prints) the most confused class pairs of the confusion matrix."""
+    counts = np.array(matrix or [[0]])
+    np.fill_diagonal(counts, 0)
+    pairs = sorted((-int(n), i, j) for (i, j), n in np.ndenumerate(counts) if n)[:5]
+    print0(run.accelerator, "most confused: " + (", ".join(
+        f"{names[i]} as {names[j]} ({-n})" for n, i, j in pairs) or "none") + "; the worst "
+        f"images: {run.dir / 'top_losses.csv'}")
+    if run.accelerator.is_main_process:
+        import csv
+        column = run.cfg.image_column
+        images = split.select([i for i, *_ in worst]).select_columns([column])[column]
+        with open(run.dir / "top_losses.csv", "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["image", "label", "predicted", "probability", "loss"])
+            for (i, true, pred, prob, loss), image in zip(worst, images):
+                out.writerow([spreadsheet_safe(v) for v in (
+                    (image or {}).get("path") or f"row {i}", names[true], names[pred],
+                    f"{prob:.6f}", f"{loss:.6f}")])
+    return [{"true": names[i], "predicted": names[j], "count": -n} for n, i, j in pairs]
 
 
 def precise_bn(run: Run, model) -> None:
@@ -1382,9 +1433,10 @@ def probe_images(split, image_col: str) -> tuple[list[tuple[int, int]], int]:
     return sizes, colour
 
 
-def image_properties(cfg: Config, model: str, sizes: list[tuple[int, int]], colour: int
-                     ) -> tuple[dict, str]:
-    """Channels, size and flipping as properties of the dataset, not of one image."""
+def image_properties(cfg: Config, model: str, sizes: list[tuple[int, int]], colour: int,
+                     source: str = "") -> tuple[dict, str]:
+    """Channels, size and flipping as properties of the dataset, not of one image; `source`:
+    where cfg.image_size came from when not from --image_size."""
     share = colour / len(sizes)
     channels = cfg.channels or (3 if model != "cnn" or share >= 0.5 else 1)
     shorter = sorted(min(s) for s in sizes)
@@ -1392,7 +1444,7 @@ def image_properties(cfg: Config, model: str, sizes: list[tuple[int, int]], colo
     fit = "shorter side resized, centre crop"
     if cfg.image_size:
         size = (cfg.image_size,) * 2
-        how = f"{cfg.image_size}x{cfg.image_size} (--image_size; {fit})"
+        how = f"{cfg.image_size}x{cfg.image_size} ({source or '--image_size'}; {fit})"
     elif len(set(sizes)) == 1 and median <= AUTO_SIZE_CAP:
         size, how = sizes[0], f"all {sizes[0][0]}x{sizes[0][1]}"
     else:
@@ -1577,6 +1629,7 @@ class Data:
     sampler: EpochSampler       # the training order (its epoch is set directly: see train())
     meta: dict                  # what rebuilds the preprocessing: stored with the weights
     counts: tuple[int, int]     # training and validation images
+    val_split: object = None    # the validation split (datasets), for top_losses.csv
 
 
 def build_data(run: Run) -> Data:
@@ -1587,7 +1640,7 @@ def build_data(run: Run) -> Data:
         s = load_splits(cfg, run.hub)
     sizes, colour = probe_images(s.source_train, s.image_col)  # the same for every --seed
     resolved, meta, note = preprocessing(cfg, s, sizes, colour)
-    batch, batch_note = batch_size(cfg, len(s.train), acc.num_processes)
+    batch, batch_note = batch_size(cfg, len(s.train), acc.num_processes, "lr" in run.given)
     counts = (f"data: {len(s.train)} training and {len(s.val)} validation images, "
               f"{len(s.class_names)} classes ({listing(s.class_names)})"
               + (f"; validation held out (--val_fraction {cfg.val_fraction})" if s.rows else ""))
@@ -1613,7 +1666,7 @@ def build_data(run: Run) -> Data:
     meta["data"] = {k: getattr(run.cfg, k) for k in ("dataset", "dataset_config", "revision",
                                                      "image_column", "label_column",
                                                      "val_fraction", "seed")}
-    return Data(train, val, sampler, meta, (len(s.train), len(s.val)))
+    return Data(train, val, sampler, meta, (len(s.train), len(s.val)), s.val)
 
 
 def preprocessing(cfg: Config, s: Splits, sizes: list, colour: int) -> tuple[dict, dict, str]:
@@ -1627,7 +1680,8 @@ def preprocessing(cfg: Config, s: Splits, sizes: list, colour: int) -> tuple[dic
         if fraction == Config.crop_fraction:
             fraction = preset.crop_size[0] / preset.resize_size[0]
     props, note = image_properties(dataclasses.replace(cfg, image_size=size), cfg.model, sizes,
-                                   colour)
+                                   colour, "" if cfg.image_size or not cfg.pretrained else
+                                   f"the size of {pretrained_weights(cfg)}")
     (h, w), c = props["image_size"], props["channels"]
     padding = cfg.crop_padding if cfg.crop_padding >= 0 else min(h, w) // 8
     if padding > min(h, w):  # a padded batch of 3,000 px took 3.5 GB
@@ -1644,10 +1698,13 @@ def preprocessing(cfg: Config, s: Splits, sizes: list, colour: int) -> tuple[dic
     return resolved, meta, note
 
 
-def batch_size(cfg: Config, train_count: int, processes: int) -> tuple[int, str]:
-    """--batch_size, or 64 per process, halved (down to 8) until an epoch has
-    MIN_STEPS_PER_EPOCH optimizer steps: 2 steps per epoch leave BatchNorm's averages behind."""
-    per_process = train_count // processes
+def batch_size(cfg: Config, train_count: int, processes: int, lr_given: bool = False
+               ) -> tuple[int, str]:
+    """--batch_size (per process), or auto: a global batch of 64 (what the default --lr is set
+    for) split over the processes, at least 8 each, halved (down to 8) until an epoch has
+    MIN_STEPS_PER_EPOCH optimizer steps: 2 steps per epoch leave BatchNorm's averages behind.
+    So 1, 2 or 8 processes take the same steps, and reach the same accuracy."""
+    per_process, accum = train_count // processes, cfg.gradient_accumulation_steps
     if per_process == 0:
         raise Exit(f"{train_count} training images cannot be shared by {processes} processes; "
                    "use fewer processes")
@@ -1656,8 +1713,12 @@ def batch_size(cfg: Config, train_count: int, processes: int) -> tuple[int, str]
             raise Exit(f"{train_count} training images make no full batch of --batch_size "
                        f"{cfg.batch_size} on each of {processes} processes; lower --batch_size "
                        "(or leave it out: automatic)")
-        return cfg.batch_size, ""
-    batch, accum = 64, cfg.gradient_accumulation_steps
+        effective = cfg.batch_size * processes * accum
+        return cfg.batch_size, "" if effective <= 64 or lr_given else (
+            f"note: effective batch {effective} ({cfg.batch_size} x {processes} process(es) x "
+            f"{accum} accumulation), {effective / 64:g}x the 64 that the default --lr {cfg.lr:g}"
+            f" is set for; --lr {cfg.lr * effective / 64:g} would scale it linearly")
+    batch = max(8, 64 // processes)
     while batch > 8 and per_process // batch // accum < MIN_STEPS_PER_EPOCH:
         batch //= 2
     if per_process < batch:
@@ -1665,9 +1726,10 @@ def batch_size(cfg: Config, train_count: int, processes: int) -> tuple[int, str]
                                      f"fewer than a batch: batch size {max(1, per_process)} "
                                      "per process (auto)")
     steps = per_process // batch // accum
+    split = f", a global batch of {batch * processes}" if processes > 1 else ""
     return batch, "" if batch == 64 else (
-        f"note: batch size {batch} per process (auto): {per_process} training images per "
-        f"process make {steps} steps per epoch; --batch_size sets it")
+        f"note: batch size {batch} per process (auto{split}): {per_process} training images "
+        f"per process make {steps} steps per epoch; --batch_size sets it per process")
 
 
 def load_eval_split(run: Run, meta: dict):
@@ -1938,7 +2000,7 @@ def lock_run_dir(run_dir: Path):
 
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "model.safetensors",
              "model_best.safetensors", "model_ema.safetensors", "curves.png", "confusion.png",
-             "checkpoints", "tensorboard")
+             "top_losses.csv", "checkpoints", "tensorboard")
 
 
 def prepare_run_dir(run: Run) -> tuple[Path | None, object]:
@@ -2484,11 +2546,17 @@ def make_accelerator(cfg: Config, cpu: bool, run_dir: Path):
         print0(accelerator, f"warning: {local} processes on {cores} CPU cores and no GPU: each "
                             "process gets a fraction of a core. Use `python train.py`, or "
                             f"`torchrun --nproc_per_node {cores} train.py ...`")
+    asked = launcher_processes()
+    if asked > 1 and accelerator.num_processes == 1:
+        print0(accelerator, f"warning: the launcher asked for {asked} processes and started 1 "
+                            "(without GPUs accelerate launch needs --multi_gpu for more): use "
+                            f"`accelerate launch --multi_gpu --num_processes {asked} train.py` "
+                            f"or `torchrun --nproc_per_node {asked} train.py`")
     threads = cfg.threads or (launcher_threads(local) if accelerator.device.type == "cpu" else 0)
     if threads and not cfg.threads:
         print0(accelerator, f"note: the launcher set OMP_NUM_THREADS=1: {threads} threads per "
-                            f"process instead ({cores} cores, {local} local processes); "
-                            "--threads or OMP_NUM_THREADS sets it")
+                            f"process instead ({cores} cores, {local} local "
+                            f"process{'es' * (local > 1)}); --threads or OMP_NUM_THREADS sets it")
     if cfg.threads > cores:
         print0(accelerator, f"note: --threads {cfg.threads} capped at {cores} (CPU cores)")
     if threads:
@@ -2861,24 +2929,45 @@ def pretrained_state(weights) -> tuple[dict, str]:
                    "there") from None
 
 
+def launcher() -> tuple[list[str], bool]:
+    """The command line of this process's parent when it is `accelerate launch` or torchrun
+    (not srun's slurmstepd, a shell or a user's own launcher), read from /proc, and whether
+    OMP_NUM_THREADS was unset in its environment."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            command = f.read().decode(errors="replace").split("\0")
+        with open(f"/proc/{os.getppid()}/environ", "rb") as f:
+            unset = not any(v.startswith(b"OMP_NUM_THREADS=") for v in f.read().split(b"\0"))
+    except OSError:
+        return [], False
+    ours = any(n in part for part in command[:3] for n in ("accelerate", "torchrun",
+                                                            "distributed.run"))
+    return (command, unset) if ours else ([], False)
+
+
 def launcher_threads(local: int) -> int:
     """accelerate launch and torchrun set OMP_NUM_THREADS=1 where the user set nothing (so that
     N processes do not oversubscribe the cores): on 2 cores a CPU run under `accelerate launch`
-    trained at half the speed of `python train.py`. When the launcher (this process's parent,
-    whose starting environment /proc shows) had no OMP_NUM_THREADS: the cores per local
-    process when that is more than 1; else 0, the value stands."""
+    trained at half the speed of `python train.py`. When the launcher set it: the cores per
+    local process when that is more than 1; else 0, the value stands."""
     if os.environ.get("OMP_NUM_THREADS") != "1":
         return 0
-    try:  # not srun (slurmstepd), a shell or a user's own launcher: only these two
-        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-            command = f.read()
-        with open(f"/proc/{os.getppid()}/environ", "rb") as f:
-            chosen = not any(v.startswith(b"OMP_NUM_THREADS=") for v in f.read().split(b"\0"))
-    except OSError:
-        return 0
-    launcher = any(name in command for name in (b"accelerate", b"torchrun", b"distributed.run"))
+    command, unset = launcher()
     threads = cpu_count() // local
-    return threads if launcher and chosen and threads > 1 else 0
+    return threads if command and unset and threads > 1 else 0
+
+
+def launcher_processes() -> int:
+    """The process count the launcher's command line asks for (--num_processes N,
+    --nproc_per_node N), or 0. Without a GPU, `accelerate launch --num_processes 2` starts one
+    process, silently (accelerate 1.x sets multi_gpu only when it counts several GPUs)."""
+    command = launcher()[0]
+    for i, part in enumerate(command):
+        name, _, value = part.partition("=")
+        if name in ("--num_processes", "--nproc_per_node", "--nproc-per-node"):
+            value = value or (command[i + 1] if i + 1 < len(command) else "")
+            return int(value) if value.isdigit() else 0
+    return 0
 
 
 def remember_accelerate_answers() -> None:
@@ -2907,6 +2996,22 @@ def quiet_broken_pipes() -> None:
     sys.excepthook = excepthook
 
 
+def exit_now(code: int) -> None:
+    """After the run, the interpreter's teardown of torch, datasets and accelerate took 1.5 s
+    (CPython 3.11, torch 2.x) beyond the printed whole-process time. Everything a normal exit
+    runs that writes or removes files (other threads joined, the atexit handlers: logging,
+    multiprocessing, datasets' temporary files, weakref finalizers) runs here; then the
+    process ends without the teardown."""
+    import atexit
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     quiet_broken_pipes()
     code = main()
@@ -2922,4 +3027,4 @@ if __name__ == "__main__":
     for child in multiprocessing.active_children():
         child.kill()
         child.join()
-    sys.exit(code)
+    exit_now(code)
