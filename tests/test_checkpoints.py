@@ -20,7 +20,8 @@ from conftest import (ROOT, assert_same_weights, events, launch_cmd, results, ru
 
 # 3 epochs x 22 steps; checkpoints every 5 steps and at epoch ends (22, 44, 66).
 ARGS = ["--epochs", 3, "--checkpoint_every", 5, "--log_every", 1, "--keep_checkpoints", 2]
-ARGS2 = ["--epochs", 3, "--checkpoint_every", 4, "--log_every", 1, "--mixed_precision", "no"]
+ARGS2 = ["--epochs", 3, "--checkpoint_every", 4, "--log_every", 1, "--mixed_precision", "no",
+         "--batch_size", 64]  # per process: 11 steps an epoch with 2 processes
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from slurm_cluster import Cluster, missing_tools
 
 TEMPLATES = sorted((ROOT / "slurm").glob("*.sbatch")) + [ROOT / "slurm" / "lib.sh"]
 # Same flags for the uninterrupted and the preempted multi-node runs.
-MULTI = ["--epochs", 6, "--checkpoint_every", 4, "--log_every", 1]
+MULTI = ["--epochs", 6, "--checkpoint_every", 4, "--log_every", 1, "--batch_size", 64]  # 11 steps an epoch
 
 
 def require(*tools: str) -> None:
@@ -222,7 +222,7 @@ def test_stop_signal_during_startup_requeues_and_completes(cluster, checkout):
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert info["Restarts"] == "1", log[-3000:]
     assert "before training started" in log and "requeueing job" in log, log[-3000:]
-    assert results(run)["steps"] == 2 * 11
+    assert results(run)["steps"] == 2 * 22  # the automatic batch: a global 64
 
 
 def test_job_array_runs_every_line(cluster, checkout):

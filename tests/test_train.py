@@ -105,16 +105,17 @@ def test_short_last_accumulation_group_is_a_full_mean(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_two_processes_split_the_data_and_metrics_are_exact(tmp_path, launcher):
-    # 360 validation images: not a multiple of 2 processes x 64, so the last batches are padded
+    # 360 validation images: not a multiple of 2 processes x 32 (the automatic batch: a global
+    # 64 split over the processes), so the last batches are padded
     run = tmp_path / "run"
     proc = run_cli("--epochs", 2, "--mixed_precision", "no", "--output_dir", run,
                    nproc=2, launcher=launcher)
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((run / "config.json").read_text())
-    assert config["num_processes"] == 2 and config["effective_batch_size"] == 128
+    assert config["num_processes"] == 2 and config["effective_batch_size"] == 64
     assert len(config["hostnames"]) == 2
     res = results(run)
-    assert res["num_processes"] == 2 and res["steps"] == 2 * (1437 // 64 // 2)
+    assert res["num_processes"] == 2 and res["steps"] == 2 * (1437 // 64)
     assert res["val_count"] == 360
     assert run_main("--eval_only", "--weights", run, "--output_dir", tmp_path / "eval1") == 0
     one = results(tmp_path / "eval1")
