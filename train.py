@@ -37,13 +37,15 @@ or before training started (requeue me); 1 anything else (a non-finite loss, a f
 from __future__ import annotations
 
 import signal
-import time
 
-T_START = time.perf_counter()  # the process's start, for its printed whole-process time
 EARLY_SIGNALS: list[int] = []  # stop signals that came before main() took over (StopFlag)
 if __name__ == "__main__":  # first, before the imports below: a stop signal then means exit 75
     for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(_signum, lambda signum, frame: EARLY_SIGNALS.append(signum))
+
+import time  # noqa: E402 (the imports follow the handlers)
+
+T_START = time.perf_counter()  # the process's start, for its printed whole-process time
 
 import argparse
 import contextlib
@@ -697,7 +699,8 @@ def mistakes(run: Run, worst: list, matrix: list | None, split, names: list[str]
     np.fill_diagonal(counts, 0)
     pairs = sorted((-int(n), i, j) for (i, j), n in np.ndenumerate(counts) if n)[:5]
     print0(run.accelerator, "most confused: " + (", ".join(
-        f"{names[i]} as {names[j]} ({-n})" for n, i, j in pairs) or "none") + "; the worst "
+        f"{names[i]} as {names[j]} ({-n})" for n, i, j in pairs) or (
+        "none" if matrix else "not counted (over 100 classes)")) + "; the worst "
         f"images: {run.dir / 'top_losses.csv'}")
     if run.accelerator.is_main_process:
         import csv

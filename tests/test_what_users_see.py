@@ -63,12 +63,11 @@ def test_automatic_batch_is_a_global_batch_of_64_split_over_the_processes():
     assert train.batch_size(train.Config(batch_size=32), 1437, 2) == (32, "")
 
 
-@pytest.mark.parametrize("nproc", [2, 8])
-def test_the_default_run_reaches_the_same_accuracy_on_more_processes(tmp_path, nproc):
-    """The default digits run: 176 steps and >= 98.5% with 1 process (99.17% here); with the
-    automatic batch the same 176 steps on 2 and 8 processes (98.61% and 99.72% here), where a
-    batch of 64 per process took 88 and 88 steps to 97.22% and 96.94%."""
-    run = tmp_path / "run"
+def test_the_default_run_reaches_the_same_accuracy_on_two_processes(tmp_path):
+    """The default digits run: 176 steps and 99.17% with 1 process (test_train); with the
+    automatic batch the same 176 steps on 2 processes (98.61% here), where a batch of 64 per
+    process took 88 steps to 97.22%. 8 processes: test_faults' shipped-config test."""
+    run, nproc = tmp_path / "run", 2
     out = run_cli("--output_dir", run, nproc=nproc, launcher="torchrun", timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     r = results(run)
