@@ -49,7 +49,6 @@ T_START = time.perf_counter()  # the process's start, for its printed whole-proc
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import datetime
 import difflib
@@ -73,7 +72,6 @@ import sys
 import threading
 import types
 import urllib.parse
-import weakref
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -614,7 +612,7 @@ def predict(run: Run) -> None:
     loader = torch.utils.data.DataLoader(
         Decoded(split, "image", "label", pil_mode(meta), *stored(meta, train=False)),
         batch_size=eval_batch(meta, cfg.batch_size), num_workers=worker_count(cfg),
-        worker_init_fn=init_worker)
+        worker_init_fn=ignore_stop_signals)
     k, rows = min(5, meta["num_classes"]), []
     for logits, _ in inferred(model.to(acc.device), loader, meta, acc.device, cfg.channels_last):
         probs, classes = logits.softmax(1).topk(k, 1)
@@ -624,6 +622,7 @@ def predict(run: Run) -> None:
                          *[v for i, q in zip(c, p) for v in (meta["class_names"][i], f"{q:.6f}")]])
     rows = accelerate.utils.gather_object(rows)
     if acc.is_main_process:
+        import csv
         run.dir.mkdir(parents=True, exist_ok=True)
         with open(run.dir / "predictions.csv", "w", newline="") as f:
             out = csv.writer(f)
@@ -704,6 +703,7 @@ def mistakes(run: Run, worst: list, matrix: list | None, split, names: list[str]
         "none" if matrix else "not counted (over 100 classes)")) + "; the worst "
         f"images: {run.dir / 'top_losses.csv'}")
     if run.accelerator.is_main_process:
+        import csv
         column = run.cfg.image_column
         images = split.select([i for i, *_ in worst]).select_columns([column])[column]
         with open(run.dir / "top_losses.csv", "w", newline="") as f:
@@ -733,7 +733,7 @@ def precise_bn(run: Run, model) -> None:
         drop_last=len(mine) >= cfg.batch_size,
         collate_fn=None if isinstance(dataset, Decoded) else as_is,
         num_workers=cfg.num_workers if isinstance(dataset, Decoded) else 0,
-        worker_init_fn=init_worker, generator=torch.Generator().manual_seed(cfg.seed))
+        worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(cfg.seed))
     norm = normalizer(data.meta, acc.device)
     with torch.no_grad():
         size = data.meta["image_size"]  # the photo recipe stores more: take the eval view
@@ -1580,7 +1580,7 @@ def make_loader(run: Run, source: Source, meta: dict, mode: str, batch_size: int
     dataset = Decoded(source.split, source.image_col, source.label_col, pil_mode(meta),
                       *stored(meta, train))
     opts = dict(num_workers=workers, persistent_workers=workers > 0,
-                pin_memory=acc.device.type == "cuda", worker_init_fn=init_worker)
+                pin_memory=acc.device.type == "cuda", worker_init_fn=ignore_stop_signals)
     if mode == "cache":
         dataset = cached(cache_root(run.cfg), source, meta, train)
         opts["collate_fn"] = as_is
@@ -1588,7 +1588,7 @@ def make_loader(run: Run, source: Source, meta: dict, mode: str, batch_size: int
         # Decoded once through the same per-sample path; workers only pay off when large.
         whole = torch.utils.data.DataLoader(dataset, batch_size=512,
                                             num_workers=workers if len(dataset) > 5000 else 0,
-                                            worker_init_fn=init_worker)
+                                            worker_init_fn=ignore_stop_signals)
         parts = [batch for batch in whole]
         dataset = InMemory(torch.cat([p[0] for p in parts]).to(acc.device),
                            torch.cat([p[1] for p in parts]).to(acc.device))
@@ -1955,9 +1955,6 @@ def pick_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
     return None
 
 
-HELD_LOCKS = weakref.WeakSet()  # the open lock files (take_lock), which workers close
-
-
 def take_lock(path: Path, wait: bool):
     """flock on `path` (created if need be, never through a link): the open file, held until
     it is closed or the process ends, kill -9 included; None where the file system has no
@@ -1985,7 +1982,6 @@ def take_lock(path: Path, wait: bool):
         print(f"warning: cannot lock {path} ({e.strerror}): {risk}", flush=True)
         lock.close()
         return None
-    HELD_LOCKS.add(lock)
     return lock
 
 
@@ -2400,14 +2396,11 @@ class StopFlag:
             self.handle(signal.Signals[self.signal], None)
 
 
-def init_worker(worker_id: int) -> None:
-    """Loader workers ignore the stop signals (sent to a whole process group, they would crash
-    the run before its checkpoint) and close their copies of the locks, which they share with
-    the run: one held a run directory after a kill -9 of the run, or after main() returned."""
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers: a Ctrl-C or Slurm's SIGTERM goes to the whole process group, and a
+    worker killed by it would crash the run before the main process can checkpoint."""
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
-    for lock in list(HELD_LOCKS):
-        lock.close()  # this process's descriptor only: flock stays with the others
 
 
 class Exit(Exception):
@@ -2770,7 +2763,7 @@ def write_cache(tmp: Path, source: Source, meta: dict, train: bool, workers: int
     shape = (meta["channels"], *size)
     loader = torch.utils.data.DataLoader(
         Decoded(split, source.image_col, source.label_col, pil_mode(meta), size, cover),
-        batch_size=256, num_workers=workers, worker_init_fn=init_worker)
+        batch_size=256, num_workers=workers, worker_init_fn=ignore_stop_signals)
     with open(tmp / "images.u8", "wb") as f:
         # tqdm.auto's asyncio class calls iter() on an iterable at once, and the for loop
         # again: a DataLoader would start its workers twice. Hand it the one iterator.
@@ -3030,7 +3023,7 @@ if __name__ == "__main__":
     for signum in signal_numbers("INT,TERM,USR1,USR2"):
         signal.signal(signum, signal.SIG_IGN)
     # Loader workers that an error left running (their iterator not yet collected) ignore
-    # SIGTERM (init_worker), which multiprocessing's exit handler sends them before
+    # SIGTERM (ignore_stop_signals), which multiprocessing's exit handler sends them before
     # it waits for them, forever: the run is over, end them (torch's SIGCHLD handler would
     # report their end as a failure).
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)

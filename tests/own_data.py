@@ -267,7 +267,12 @@ def many_unseen_labels(path: Path, unseen: int = 3000, class_label: bool = False
     return path
 
 
-CARD_FEATURES = """\
+HUB_CARD = """\
+---
+license: cc-by-4.0
+task_categories:
+- image-classification
+pretty_name: Handwritten digits 0-2
 dataset_info:
   features:
   - name: image
@@ -279,15 +284,6 @@ dataset_info:
           '0': zero
           '1': one
           '2': two
-"""  # a dataset card's features: digits 0-2 as ClassLabel
-
-HUB_CARD = """\
----
-license: cc-by-4.0
-task_categories:
-- image-classification
-pretty_name: Handwritten digits 0-2
-""" + CARD_FEATURES + """\
   splits:
   - name: train
     num_bytes: {train_bytes}

@@ -183,27 +183,6 @@ def test_second_run_in_a_live_runs_directory_is_refused(tmp_path):
     assert results(run)["steps"] == 220
 
 
-def test_loader_workers_hold_no_copy_of_the_run_lock(tmp_path):
-    """Forked loader workers inherit the run lock's descriptor, and flock belongs to every
-    copy: a worker that outlived its run (main() returned; or the run was killed with -9, the
-    worker still waiting for its watchdog) kept the directory "in use by another run". A
-    stream-mode run with a worker stops on a corrupt validation image: the workers still
-    alive after main() returns hold no .lock, and the same command resumes at once."""
-    import multiprocessing
-    import own_data as od
-    folder = od.corrupt_validation_folder(tmp_path / "data")
-    args = ["--dataset", folder, "--data_mode", "stream", "--num_workers", 1, "--epochs", 2,
-            "--batch_size", 16, "--output_dir", tmp_path / "run"]
-    assert run_main(*args) == 2
-    alive = multiprocessing.active_children()
-    held = [(c.pid, name) for c in alive for name in (
-        os.readlink(f"/proc/{c.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{c.pid}/fd"))
-        if name.endswith(".lock")]
-    assert not held, held
-    (folder / "validation" / "one" / "broken.png").unlink()
-    assert run_main(*args) == 0
-
-
 def test_kill9_leaves_no_stale_lock(tmp_path):
     run = tmp_path / "run"
     args = ["--epochs", 3, "--checkpoint_every", 5, "--log_every", 1, "--output_dir", run]
