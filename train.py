@@ -70,6 +70,7 @@ import socket
 import stat
 import sys
 import threading
+import traceback
 import types
 import urllib.parse
 from dataclasses import asdict, dataclass, field, fields
@@ -3001,33 +3002,37 @@ def quiet_broken_pipes() -> None:
 
 def exit_now(code: int) -> None:
     """After the run, the interpreter's teardown of torch, datasets and accelerate took 1.5 s
-    (CPython 3.11, torch 2.x) beyond the printed whole-process time. Everything a normal exit
-    runs that writes or removes files (other threads joined, the atexit handlers: logging,
-    multiprocessing, datasets' temporary files, weakref finalizers) runs here; then the
-    process ends without the teardown."""
+    (CPython 3.11, torch 2.x) beyond the printed whole-process time. Loader workers left
+    running (by an error) are ended first: they ignore SIGTERM, which multiprocessing's exit
+    handler sends them before it waits for them, forever. Then what a normal exit runs that
+    writes or removes files (other threads joined, the atexit handlers: logging, datasets'
+    temporary files, weakref finalizers) runs here, and the process ends."""
     import atexit
+    for signum in signal_numbers("INT,TERM,USR1,USR2"):  # the run is over: a stop is moot
+        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's: a killed worker is a failure
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join()
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    with contextlib.suppress(OSError, ValueError):  # a reader that has gone away
+        sys.stdout.flush()
+        sys.stderr.flush()
     os._exit(code)
 
 
 if __name__ == "__main__":
     quiet_broken_pipes()
-    code = main()
-    # The interpreter puts the default handlers back while it shuts down, and a stop signal
-    # then would turn the exit code into 143 or 138: the run is over, ignore them.
-    for signum in signal_numbers("INT,TERM,USR1,USR2"):
-        signal.signal(signum, signal.SIG_IGN)
-    # Loader workers that an error left running (their iterator not yet collected) ignore
-    # SIGTERM (ignore_stop_signals), which multiprocessing's exit handler sends them before
-    # it waits for them, forever: the run is over, end them (torch's SIGCHLD handler would
-    # report their end as a failure).
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for child in multiprocessing.active_children():
-        child.kill()
-        child.join()
-    exit_now(code)
+    code = EXIT_FAILED
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a stop signal in the instant after main() returned
+        code = EXIT_PREEMPTED
+    except BaseException:  # a bug: its traceback and exit 1, never a hang on live workers
+        with contextlib.suppress(OSError, ValueError):
+            traceback.print_exc()
+    finally:
+        exit_now(code)

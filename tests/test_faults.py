@@ -323,6 +323,41 @@ def test_sigterm_to_the_process_group_with_loader_workers_exits_75(tmp_path):
     assert newest.name == f"step_{step:08d}" and train.checkpoint_ok(newest)[0]
 
 
+def test_an_unexpected_error_with_live_loader_workers_exits_1_with_its_traceback(tmp_path):
+    """A bug (here a ValueError from the loss at step 3) escapes main() while the persistent
+    loader workers live. They ignore SIGTERM, and multiprocessing's exit handler waits for
+    them after sending it: the run hung for ever instead of ending."""
+    run = tmp_path / "run"
+    wrapper = tmp_path / "buggy.py"
+    wrapper.write_text(
+        "import runpy, sys\n"
+        "import torch.nn.functional as F\n"
+        "real, calls = F.cross_entropy, []\n"
+        "def broken(*a, **k):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 3:\n"
+        "        raise ValueError('a bug in the loss')\n"
+        "    return real(*a, **k)\n"
+        "F.cross_entropy = broken\n"
+        f"sys.argv = [{str(ROOT / 'train.py')!r}] + sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    flags = ["--data_mode", "stream", "--num_workers", 2, "--epochs", 1, "--output_dir", run]
+    proc = subprocess.Popen([sys.executable, str(wrapper), *map(str, flags)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)  # a hang is for ever; a run takes seconds
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 1, (out + err)[-3000:]
+    assert "Traceback" in err and err.strip().endswith("ValueError: a bug in the loss"), err[-3000:]
+    alive = [p for p in psutil.process_iter(["cmdline"]) if str(run) in " ".join(
+        p.info["cmdline"] or [])]
+    assert not alive, alive
+
+
 # ----------------------------------------------------------------------------- 4. a full disk
 
 def test_disk_full_during_a_checkpoint_is_one_line_and_exit_1(tmp_path):
