@@ -49,6 +49,7 @@ T_START = time.perf_counter()  # the process's start, for its printed whole-proc
 
 import argparse
 import contextlib
+import csv
 import dataclasses
 import datetime
 import difflib
@@ -73,6 +74,7 @@ import threading
 import traceback
 import types
 import urllib.parse
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -613,7 +615,7 @@ def predict(run: Run) -> None:
     loader = torch.utils.data.DataLoader(
         Decoded(split, "image", "label", pil_mode(meta), *stored(meta, train=False)),
         batch_size=eval_batch(meta, cfg.batch_size), num_workers=worker_count(cfg),
-        worker_init_fn=ignore_stop_signals)
+        worker_init_fn=init_worker)
     k, rows = min(5, meta["num_classes"]), []
     for logits, _ in inferred(model.to(acc.device), loader, meta, acc.device, cfg.channels_last):
         probs, classes = logits.softmax(1).topk(k, 1)
@@ -623,7 +625,6 @@ def predict(run: Run) -> None:
                          *[v for i, q in zip(c, p) for v in (meta["class_names"][i], f"{q:.6f}")]])
     rows = accelerate.utils.gather_object(rows)
     if acc.is_main_process:
-        import csv
         run.dir.mkdir(parents=True, exist_ok=True)
         with open(run.dir / "predictions.csv", "w", newline="") as f:
             out = csv.writer(f)
@@ -704,7 +705,6 @@ def mistakes(run: Run, worst: list, matrix: list | None, split, names: list[str]
         "none" if matrix else "not counted (over 100 classes)")) + "; the worst "
         f"images: {run.dir / 'top_losses.csv'}")
     if run.accelerator.is_main_process:
-        import csv
         column = run.cfg.image_column
         images = split.select([i for i, *_ in worst]).select_columns([column])[column]
         with open(run.dir / "top_losses.csv", "w", newline="") as f:
@@ -734,7 +734,7 @@ def precise_bn(run: Run, model) -> None:
         drop_last=len(mine) >= cfg.batch_size,
         collate_fn=None if isinstance(dataset, Decoded) else as_is,
         num_workers=cfg.num_workers if isinstance(dataset, Decoded) else 0,
-        worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(cfg.seed))
+        worker_init_fn=init_worker, generator=torch.Generator().manual_seed(cfg.seed))
     norm = normalizer(data.meta, acc.device)
     with torch.no_grad():
         size = data.meta["image_size"]  # the photo recipe stores more: take the eval view
@@ -1581,7 +1581,7 @@ def make_loader(run: Run, source: Source, meta: dict, mode: str, batch_size: int
     dataset = Decoded(source.split, source.image_col, source.label_col, pil_mode(meta),
                       *stored(meta, train))
     opts = dict(num_workers=workers, persistent_workers=workers > 0,
-                pin_memory=acc.device.type == "cuda", worker_init_fn=ignore_stop_signals)
+                pin_memory=acc.device.type == "cuda", worker_init_fn=init_worker)
     if mode == "cache":
         dataset = cached(cache_root(run.cfg), source, meta, train)
         opts["collate_fn"] = as_is
@@ -1589,7 +1589,7 @@ def make_loader(run: Run, source: Source, meta: dict, mode: str, batch_size: int
         # Decoded once through the same per-sample path; workers only pay off when large.
         whole = torch.utils.data.DataLoader(dataset, batch_size=512,
                                             num_workers=workers if len(dataset) > 5000 else 0,
-                                            worker_init_fn=ignore_stop_signals)
+                                            worker_init_fn=init_worker)
         parts = [batch for batch in whole]
         dataset = InMemory(torch.cat([p[0] for p in parts]).to(acc.device),
                            torch.cat([p[1] for p in parts]).to(acc.device))
@@ -1956,6 +1956,9 @@ def pick_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
     return None
 
 
+HELD_LOCKS = weakref.WeakSet()  # the open lock files (take_lock), which workers close
+
+
 def take_lock(path: Path, wait: bool):
     """flock on `path` (created if need be, never through a link): the open file, held until
     it is closed or the process ends, kill -9 included; None where the file system has no
@@ -1983,6 +1986,7 @@ def take_lock(path: Path, wait: bool):
         print(f"warning: cannot lock {path} ({e.strerror}): {risk}", flush=True)
         lock.close()
         return None
+    HELD_LOCKS.add(lock)
     return lock
 
 
@@ -2397,11 +2401,14 @@ class StopFlag:
             self.handle(signal.Signals[self.signal], None)
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers: a Ctrl-C or Slurm's SIGTERM goes to the whole process group, and a
-    worker killed by it would crash the run before the main process can checkpoint."""
+def init_worker(worker_id: int) -> None:
+    """Loader workers ignore the stop signals (sent to a whole process group, they would crash
+    the run before its checkpoint) and close their copies of the locks, which they share with
+    the run: one held a run directory after a kill -9 of the run, or after main() returned."""
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
+    for lock in list(HELD_LOCKS):
+        lock.close()  # this process's descriptor only: flock stays with the others
 
 
 class Exit(Exception):
@@ -2502,6 +2509,7 @@ def import_libraries() -> None:
     from tqdm.auto import tqdm
     if not sys.stderr.isatty():
         datasets.disable_progress_bars()  # they flood log files (Slurm, CI)
+    short_socket_dir()
 
 
 def use_cpu(cfg: Config) -> bool:
@@ -2764,7 +2772,7 @@ def write_cache(tmp: Path, source: Source, meta: dict, train: bool, workers: int
     shape = (meta["channels"], *size)
     loader = torch.utils.data.DataLoader(
         Decoded(split, source.image_col, source.label_col, pil_mode(meta), size, cover),
-        batch_size=256, num_workers=workers, worker_init_fn=ignore_stop_signals)
+        batch_size=256, num_workers=workers, worker_init_fn=init_worker)
     with open(tmp / "images.u8", "wb") as f:
         # tqdm.auto's asyncio class calls iter() on an iterable at once, and the for loop
         # again: a DataLoader would start its workers twice. Hand it the one iterator.
@@ -2984,6 +2992,24 @@ def remember_accelerate_answers() -> None:
         module.is_lomo_available = functools.cache(module.is_lomo_available)
         module.inspect = types.SimpleNamespace(signature=functools.lru_cache(maxsize=4)(
             inspect.signature))
+
+
+def short_socket_dir() -> None:
+    """Loader workers pass each batch to the main process as file descriptors, through a Unix
+    socket in multiprocessing's directory under $TMPDIR. Linux caps a socket's path at 107
+    bytes: under a long TMPDIR (a job's scratch path, pytest's) the worker's send failed in a
+    background thread and the run waited for that batch for ever (CPython issue 132124, fixed
+    in 3.13). Such a directory is made under /tmp instead; the forked workers inherit it."""
+    import multiprocessing.util
+    import tempfile
+    if sys.platform != "linux" or len(tempfile.gettempdir()) + len(
+            "/pymp-12345678/listener-12345678") <= 107:
+        return
+    saved, tempfile.tempdir = tempfile.tempdir, "/tmp"
+    try:
+        multiprocessing.util.get_temp_dir()  # made once per process, removed at its exit
+    finally:
+        tempfile.tempdir = saved
 
 
 def quiet_broken_pipes() -> None:

@@ -267,12 +267,7 @@ def many_unseen_labels(path: Path, unseen: int = 3000, class_label: bool = False
     return path
 
 
-HUB_CARD = """\
----
-license: cc-by-4.0
-task_categories:
-- image-classification
-pretty_name: Handwritten digits 0-2
+CARD_FEATURES = """\
 dataset_info:
   features:
   - name: image
@@ -284,6 +279,15 @@ dataset_info:
           '0': zero
           '1': one
           '2': two
+"""  # a dataset card's features: digits 0-2 as ClassLabel
+
+HUB_CARD = """\
+---
+license: cc-by-4.0
+task_categories:
+- image-classification
+pretty_name: Handwritten digits 0-2
+""" + CARD_FEATURES + """\
   splits:
   - name: train
     num_bytes: {train_bytes}

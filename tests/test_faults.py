@@ -183,6 +183,27 @@ def test_second_run_in_a_live_runs_directory_is_refused(tmp_path):
     assert results(run)["steps"] == 220
 
 
+def test_loader_workers_hold_no_copy_of_the_run_lock(tmp_path):
+    """Forked loader workers inherit the run lock's descriptor, and flock belongs to every
+    copy: a worker that outlived its run (main() returned; or the run was killed with -9, the
+    worker still waiting for its watchdog) kept the directory "in use by another run". A
+    stream-mode run with a worker stops on a corrupt validation image: the workers still
+    alive after main() returns hold no .lock, and the same command resumes at once."""
+    import multiprocessing
+    import own_data as od
+    folder = od.corrupt_validation_folder(tmp_path / "data")
+    args = ["--dataset", folder, "--data_mode", "stream", "--num_workers", 1, "--epochs", 2,
+            "--batch_size", 16, "--output_dir", tmp_path / "run"]
+    assert run_main(*args) == 2
+    alive = multiprocessing.active_children()
+    held = [(c.pid, name) for c in alive for name in (
+        os.readlink(f"/proc/{c.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{c.pid}/fd"))
+        if name.endswith(".lock")]
+    assert not held, held
+    (folder / "validation" / "one" / "broken.png").unlink()
+    assert run_main(*args) == 0
+
+
 def test_kill9_leaves_no_stale_lock(tmp_path):
     run = tmp_path / "run"
     args = ["--epochs", 3, "--checkpoint_every", 5, "--log_every", 1, "--output_dir", run]
@@ -356,6 +377,21 @@ def test_an_unexpected_error_with_live_loader_workers_exits_1_with_its_traceback
     alive = [p for p in psutil.process_iter(["cmdline"]) if str(run) in " ".join(
         p.info["cmdline"] or [])]
     assert not alive, alive
+
+
+def test_a_long_tmpdir_does_not_lose_the_loader_workers_batches(tmp_path):
+    """Loader workers hand each batch over through a Unix socket under $TMPDIR, and Linux caps
+    a socket's path at 107 bytes: under a 90-character TMPDIR (a job's scratch path; pytest's
+    own under xdist) the worker's send failed in a background thread and the run waited for
+    its first batch for ever."""
+    tmpdir = tmp_path / ("t" * max(1, 89 - len(str(tmp_path))))
+    tmpdir.mkdir()
+    run = tmp_path / "run"
+    out = run_cli("--data_mode", "stream", "--num_workers", 1, "--epochs", 1, "--output_dir",
+                  run, env={"TMPDIR": str(tmpdir)}, timeout=300)  # the hang: for ever
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert results(run)["steps"] == 22 and results(run)["val_acc"] > 0.5  # 1 epoch: 59%
+    assert not list(tmpdir.iterdir())  # nothing left where the sockets did not fit
 
 
 # ----------------------------------------------------------------------------- 4. a full disk

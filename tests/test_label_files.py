@@ -381,10 +381,11 @@ def hub_cache_entry(hub: Path, repo: str, make) -> str:
     return commit
 
 
-def train_parquet_only(root: Path) -> Path:
-    """data/train-00000-of-00001.parquet only: 90 digits, an Image column and a ClassLabel."""
+def train_parquet_only(root: Path, per_class: int = 30) -> Path:
+    """data/train-00000-of-00001.parquet only: 3 x per_class digits, an Image column and a
+    ClassLabel."""
     import datasets
-    rows = [(i, c) for c in range(3) for i in od.digit_indices(c)[:30]]
+    rows = [(i, c) for c in range(3) for i in od.digit_indices(c)[:per_class]]
     ds = datasets.Dataset.from_dict(
         {"image": [od.digit(i, 12) for i, _ in rows], "label": [c for _, c in rows]},
         features=datasets.Features({"image": datasets.Image(),
@@ -417,17 +418,7 @@ def test_hub_id_from_the_hub_cache_offline(tmp_path, elsewhere, layout):
 
 SHORT_CARD = """\
 ---
-dataset_info:
-  features:
-  - name: image
-    dtype: image
-  - name: label
-    dtype:
-      class_label:
-        names:
-          '0': zero
-          '1': one
-          '2': two
+""" + od.CARD_FEATURES + """\
   splits:
   - name: train
     num_bytes: 123456
@@ -449,15 +440,7 @@ def test_card_counting_more_rows_than_the_files_is_an_incomplete_download(tmp_pa
     """10a. The dataset card records 500 training rows, the parquet file holds 60: datasets
     raises NonMatchingSplitsSizesError. Expected: one line saying 'incomplete download' with
     both numbers."""
-    import datasets
-    root = tmp_path / "download"
-    rows = [(i, c) for c in range(3) for i in od.digit_indices(c)[:20]]
-    ds = datasets.Dataset.from_dict(
-        {"image": [od.digit(i, 12) for i, _ in rows], "label": [c for _, c in rows]},
-        features=datasets.Features({"image": datasets.Image(),
-                                    "label": datasets.ClassLabel(names=od.CLASSES3)}))
-    (root / "data").mkdir(parents=True)
-    ds.to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
+    root = train_parquet_only(tmp_path / "download", per_class=20)
     (root / "README.md").write_text(SHORT_CARD)
     code, out = cli("--dataset", root, "--epochs", 1, "--num_workers", 0,
                     "--output_dir", tmp_path / "run",
