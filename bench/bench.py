@@ -129,6 +129,7 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="no")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--epochs", type=int, help="instead of each case's epochs (a quicker run)")
     p.add_argument("--accelerate_patch", action="store_true",
                    help="also run memory mode without remember_accelerate_answers() (d) and "
                         "print d/a: what that workaround is worth")
@@ -149,6 +150,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for case in CASES if args.case == "all" else [args.case]:
             flags, epochs = CASES[case]
+            epochs = args.epochs or epochs
             if "PHOTOS" in flags:
                 flags = [str(make_photos(Path(tmp) / "photos")) if f == "PHOTOS" else f
                          for f in flags]
