@@ -3055,6 +3055,8 @@ if __name__ == "__main__":
     code = EXIT_FAILED
     try:
         code = main()
+    except SystemExit as end:  # argparse's, after --help or a bad flag
+        code = end.code if isinstance(end.code, int) else EXIT_OK
     except KeyboardInterrupt:  # a stop signal in the instant after main() returned
         code = EXIT_PREEMPTED
     except BaseException:  # a bug: its traceback and exit 1, never a hang on live workers

@@ -7,6 +7,7 @@ Most tests run real processes: locks, signals, umasks and exit codes are propert
 process. Those that could allocate gigabytes on a broken train.py run under RLIMIT_AS."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -49,6 +50,17 @@ def one_error_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, f"expected one line on stderr, got:\n{err[-3000:]}"
     return lines[0]
+
+
+def open_files(pid: int) -> list[str]:
+    """What a live process has open; a descriptor closed (or the process gone) while it is
+    read is not open."""
+    names = []
+    with contextlib.suppress(FileNotFoundError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(FileNotFoundError):
+                names.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return names
 
 
 def lock_is_held(lock: Path) -> bool:
@@ -195,10 +207,8 @@ def test_loader_workers_hold_no_copy_of_the_run_lock(tmp_path):
     args = ["--dataset", folder, "--data_mode", "stream", "--num_workers", 1, "--epochs", 2,
             "--batch_size", 16, "--output_dir", tmp_path / "run"]
     assert run_main(*args) == 2
-    alive = multiprocessing.active_children()
-    held = [(c.pid, name) for c in alive for name in (
-        os.readlink(f"/proc/{c.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{c.pid}/fd"))
-        if name.endswith(".lock")]
+    held = [(c.pid, name) for c in multiprocessing.active_children()
+            for name in open_files(c.pid) if name.endswith(".lock")]
     assert not held, held
     (folder / "validation" / "one" / "broken.png").unlink()
     assert run_main(*args) == 0
@@ -561,6 +571,7 @@ def test_worker_and_thread_counts_are_capped_at_the_cpu_count(tmp_path):
 
 # ----------------------------------------------------------------------------- 7. the shipped launcher config
 
+@pytest.mark.slow
 def test_shipped_accelerate_config_on_a_cpu_only_machine(tmp_path):
     """accelerate_config.yaml as shipped: 8 processes, bf16. No --num_processes. The default
     run: the automatic batch is a global one of 64, 8 per process, so the run takes the same
@@ -680,6 +691,7 @@ def test_help_imports_no_torch_and_states_each_default_once():
 
 # ----------------------------------------------------------------------------- 8. shared CPU
 
+@pytest.mark.slow
 def test_a_busy_cpu_makes_openmp_wait_passively_and_the_users_choice_wins(tmp_path):
     """OpenMP's spin-waiting collapsed the default run beside another busy process (39-77 s
     instead of ~9 s). train.py measures its cores at start-up and waits passively when they
