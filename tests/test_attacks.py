@@ -419,6 +419,7 @@ def test_resume_auto_skips_a_newest_checkpoint_naming_a_file_outside_it(tmp_path
     resumed_from_the_older_checkpoint(text, run, trained)
 
 
+@pytest.mark.slow
 def test_sigterm_while_a_huge_checkpoint_file_is_hashed_exits_75(tmp_path, trained):
     run = resumable(trained, tmp_path)
     ckpt = run / "checkpoints" / NEWEST

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 # A quiet 2-core machine runs each bench in 1-5 min; a busy one three times slower must pass
@@ -25,6 +27,7 @@ def bench(tmp_path, *args: str) -> subprocess.CompletedProcess:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_bench_runs_and_reports_every_variant(tmp_path):
     out = bench(tmp_path, str(ROOT / "bench" / "bench.py"), "--case", "cnn", "--repeats", "1",
                 "--mixed_precision", "bf16", "--epochs", "2")

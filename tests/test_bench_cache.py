@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from conftest import ROOT
 from test_bench import bench
 
 
+@pytest.mark.slow
 def test_cache_bench_quick_runs_every_section(tmp_path):
     """bench/cache.py --quick: every section's rows, with positive numbers (no timings)."""
     out = bench(tmp_path, str(ROOT / "bench" / "cache.py"), "--quick")

@@ -88,6 +88,7 @@ def test_cache_mode_trains_bit_identically_to_memory_mode_and_is_reused(tmp_path
     assert [(p / "images.u8").stat().st_size for p in cache_dirs(cache)] == [1797 * 64]
 
 
+@pytest.mark.slow
 def test_photo_recipe_from_the_cache_equals_memory_mode(tmp_path, photo_folder):
     """Mixed sizes and modes, photo recipe: the training rows are stored at size /
     crop_fraction for the random resized crops, the evaluation rows as their centre crop."""
@@ -101,6 +102,7 @@ def test_photo_recipe_from_the_cache_equals_memory_mode(tmp_path, photo_folder):
     assert rows == {1200 * 37 * 37, 240 * 32 * 32}
 
 
+@pytest.mark.slow
 def test_other_seeds_reuse_the_cache_of_the_data_they_hold_out_of(tmp_path, photo_folder,
                                                                    capsys):
     """A seed sweep on data without a validation split: the training rows come from one cache
@@ -137,6 +139,7 @@ def test_eval_only_reads_the_cache_the_run_built(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- one build
 
+@pytest.mark.slow
 def test_two_processes_of_one_run_build_each_split_once(tmp_path):
     """torchrun, 2 gloo processes, an empty --cache_dir: one process builds, the other waits
     for the key's lock and reuses; the run equals its memory-mode twin."""
@@ -152,6 +155,7 @@ def test_two_processes_of_one_run_build_each_split_once(tmp_path):
     same_run(tmp_path / "run-memory", tmp_path / "run-cache")
 
 
+@pytest.mark.slow
 def test_two_runs_racing_for_one_cache_build_it_once(tmp_path, photo_folder):
     cache = tmp_path / "cache"
     procs = [subprocess.Popen(launch_cmd() + [str(a) for a in (
@@ -226,6 +230,7 @@ def start_build(tmp_path: Path, photo_folder: Path, cache: Path) -> subprocess.P
     pytest.fail(f"no build seen (exit {proc.returncode}):\n{out[-2000:]}\n{err[-2000:]}")
 
 
+@pytest.mark.slow
 def test_kill9_during_the_build_leaves_nothing_that_is_used(tmp_path, photo_folder):
     cache = tmp_path / "cache"
     proc = start_build(tmp_path, photo_folder, cache)
@@ -278,6 +283,7 @@ def test_a_damaged_cache_is_detected_and_rebuilt(tmp_path, capsys):
         same_run(tmp_path / "first", tmp_path / f"run{i}")
 
 
+@pytest.mark.slow
 def test_an_edited_image_makes_a_new_cache(tmp_path, photo_folder, capsys):
     folder = tmp_path / "photos"
     shutil.copytree(photo_folder, folder)
@@ -354,6 +360,7 @@ def test_an_unwritable_cache_dir_is_one_line_exit_2(tmp_path):
 
 # ----------------------------------------------------------------------------- start-up
 
+@pytest.mark.slow
 def test_held_out_validation_is_datasets_stratified_split(photo_folder):
     """hold_out reads the labels in one batch (start-up that does not grow with the rows'
     Python formatting) but must choose the rows train_test_split chooses."""

@@ -107,6 +107,7 @@ def test_kill9_at_several_points_then_resume_is_bit_exact(tmp_path, reference):
     assert len(train.checkpoints(run)) == 2  # --keep_checkpoints 2
 
 
+@pytest.mark.slow
 def test_kill9_two_processes_then_resume_is_bit_exact(tmp_path, reference2):
     run = tmp_path / "run"
     args = [*ARGS2, "--output_dir", run]
@@ -119,6 +120,7 @@ def test_kill9_two_processes_then_resume_is_bit_exact(tmp_path, reference2):
     assert results(run)["val_acc"] == results(reference2)["val_acc"]
 
 
+@pytest.mark.slow
 def test_signal_to_one_process_stops_all_at_the_same_step(tmp_path, reference2):
     run = tmp_path / "run"
     args = [*ARGS2, "--output_dir", run]
@@ -183,6 +185,7 @@ def test_damaged_checkpoints_fall_back_or_refuse(tmp_path, capsys):
     assert f"resumed from {older}" in out
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused(tmp_path, capsys, reference2):
     run = tmp_path / "run"
     assert run_main("--epochs", 1, "--checkpoint_every", 5, "--output_dir", run) == 0

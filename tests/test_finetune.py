@@ -163,6 +163,7 @@ def test_frozen_backbone_and_head_lr_resume_bit_exact(tmp_path, first_half, seco
     assert results(tmp_path / "ref")["steps"] == 24 and results(tmp_path / "run")["steps"] == 24
 
 
+@pytest.mark.slow
 def test_mixup_and_cutmix_train_identically_in_both_modes_and_resume_bit_exact(tmp_path):
     """torchvision's MixUp/CutMix draw from torch's RNG: the same draws in memory and stream
     mode, and after a stop and resume (Accelerate's checkpoint keeps that RNG)."""
@@ -183,6 +184,7 @@ def test_mixup_and_cutmix_train_identically_in_both_modes_and_resume_bit_exact(t
     assert_same_weights(tmp_path / "run", tmp_path / "ref")
 
 
+@pytest.mark.slow
 def test_ema_is_saved_resumed_bit_exact_and_the_same_on_every_process(tmp_path):
     """--ema_decay: torch's AveragedModel, written into every checkpoint as safetensors and
     beside the weights; with 2 processes its gathered validation accuracy equals a 1-process

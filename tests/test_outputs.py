@@ -160,6 +160,7 @@ def test_pictures_are_drawn_and_sent_to_tensorboard(tmp_path):
     assert {"curves", "confusion"} <= set(logs.Tags()["images"]), logs.Tags()
 
 
+@pytest.mark.slow
 def test_accelerate_launch_uses_the_cores_when_the_launcher_chose_one_thread(tmp_path):
     """`accelerate launch` sets OMP_NUM_THREADS=1 when the user set nothing: train.py then
     takes the cores per local process (config.json records it); a value the user gave to

@@ -200,6 +200,7 @@ def train_processes(run_dir: str) -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.slow
 def test_stop_signal_during_startup_requeues_and_completes(cluster, checkout):
     """A preemption can come while train.py is still importing and loading data: every rank
     must exit 75 (nothing to save yet), the job requeue, and the next start train it all.
@@ -225,6 +226,7 @@ def test_stop_signal_during_startup_requeues_and_completes(cluster, checkout):
     assert results(run)["steps"] == 2 * 22  # the automatic batch: a global 64
 
 
+@pytest.mark.slow
 def test_job_array_runs_every_line(cluster, checkout):
     sweep = checkout / "sweep.txt"
     sweep.write_text("--seed 0 --lr 0.05\n--seed 1 --optimizer adamw --lr 0.003\n")
@@ -241,6 +243,7 @@ def test_job_array_runs_every_line(cluster, checkout):
         assert config["epochs"] == 1 and results(run)["steps"] == 22
 
 
+@pytest.mark.slow
 def test_two_nodes_share_one_decoded_cache(cluster, checkout, multi_run):
     """--data_mode cache on a cache directory both nodes see: the data are decoded once (the
     other node waits for the key's lock), and the run equals the memory-mode run."""

@@ -103,7 +103,8 @@ def test_short_last_accumulation_group_is_a_full_mean(tmp_path, monkeypatch):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+@pytest.mark.parametrize("launcher", [
+    "torchrun", pytest.param("accelerate", marks=pytest.mark.slow)])
 def test_two_processes_split_the_data_and_metrics_are_exact(tmp_path, launcher):
     # 360 validation images: not a multiple of 2 processes x 32 (the automatic batch: a global
     # 64 split over the processes), so the last batches are padded
@@ -322,6 +323,7 @@ def test_import_is_cheap_and_side_effect_free(tmp_path):
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_progress_bar_on_a_terminal_plain_lines_otherwise(tmp_path):
     """A tqdm bar with loss and accuracy when stderr is a terminal (here: a pseudo-terminal
     made by `script`), periodic plain lines in a log file."""

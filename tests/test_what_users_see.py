@@ -26,6 +26,7 @@ def accelerate_launch(*launcher_flags, args=(), cwd=None) -> subprocess.Complete
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_a_launcher_that_starts_one_of_two_processes_warns_and_its_advice_starts_two(tmp_path):
     """Without a GPU, `accelerate launch --num_processes 2` starts one process; train.py says
     so and names commands that start two: the first of them does."""
@@ -159,6 +160,7 @@ def test_top_losses_and_most_confused_name_real_images_and_agree_with_the_metric
         f"{names[i]} as {names[j]} ({-n})" for n, i, j in pairs[:1])), line
 
 
+@pytest.mark.slow
 def test_top_losses_of_an_evaluation_are_the_same_on_two_processes(tmp_path, folder_run):
     """--eval_only of the same weights on the same data: 1 and 2 processes write the same
     top_losses.csv and results (the gathered order is the split's)."""
