@@ -143,7 +143,8 @@ def test_signal_to_one_process_stops_all_at_the_same_step(tmp_path, reference2):
     assert_same_weights(run, reference2)
 
 
-@pytest.mark.parametrize("signame", ["SIGUSR1", "SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signame", [pytest.param(name, marks=pytest.mark.slow) for name in
+                                     ("SIGUSR1", "SIGINT")] + ["SIGTERM"])  # one by default
 def test_signal_saves_checkpoint_and_exits_75_then_resumes(tmp_path, reference, signame):
     run = tmp_path / "run"
     args = [*ARGS, "--output_dir", run]

@@ -246,6 +246,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_two_default_runs_started_together_get_different_directories(tmp_path):
     argv = [sys.executable, "-c", FROZEN_CLOCK, str(ROOT / "train.py"), "--epochs", "1"]
     procs = [subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE,
