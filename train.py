@@ -3057,7 +3057,7 @@ if __name__ == "__main__":
         code = main()
     except SystemExit as end:  # argparse's, after --help or a bad flag
         code = end.code if isinstance(end.code, int) else EXIT_OK
-    except KeyboardInterrupt:  # a stop signal in the instant after main() returned
+    except KeyboardInterrupt:  # a signal just after main() returned, or a Ctrl-C not caught
         code = EXIT_PREEMPTED
     except BaseException:  # a bug: its traceback and exit 1, never a hang on live workers
         with contextlib.suppress(OSError, ValueError):
