@@ -207,8 +207,9 @@ def test_loader_workers_hold_no_copy_of_the_run_lock(tmp_path):
     args = ["--dataset", folder, "--data_mode", "stream", "--num_workers", 1, "--epochs", 2,
             "--batch_size", 16, "--output_dir", tmp_path / "run"]
     assert run_main(*args) == 2
-    held = [(c.pid, name) for c in multiprocessing.active_children()
-            for name in open_files(c.pid) if name.endswith(".lock")]
+    alive = multiprocessing.active_children()
+    assert alive  # the workers the failed run left, without which this shows nothing
+    held = [(c.pid, name) for c in alive for name in open_files(c.pid) if name.endswith(".lock")]
     assert not held, held
     (folder / "validation" / "one" / "broken.png").unlink()
     assert run_main(*args) == 0
