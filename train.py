@@ -24,6 +24,7 @@ Contents, in the order a run reads them:
     data            sources, columns, splits, image properties, decode, loaders
     run directory   LoopState, checkpoints, the lock, metrics.jsonl, weights, config.json
     flags, signals  CHECKS, parse_config, StopFlag, Exit; libraries, the accelerator
+    streamed shards --streaming: parquet or .tar shards read as training goes, exact resume
     decoded cache   --data_mode cache: decoded once into files, read by index
     workarounds     each opens with the library behaviour it works around
 
@@ -48,6 +49,7 @@ import time  # noqa: E402 (the imports follow the handlers)
 T_START = time.perf_counter()  # the process's start, for its printed whole-process time
 
 import argparse
+import bisect
 import contextlib
 import csv
 import dataclasses
@@ -59,6 +61,7 @@ import functools
 import hashlib
 import inspect
 import io
+import itertools
 import json
 import math
 import multiprocessing
@@ -69,6 +72,7 @@ import resource
 import shutil
 import socket
 import stat
+import tarfile
 import sys
 import threading
 import traceback
@@ -107,6 +111,10 @@ class Config:
                          ("auto", "memory", "cache", "stream"))
     memory_budget_gb: float = opt(4.0, "largest decoded dataset --data_mode auto keeps in memory")
     cache_dir: str | None = opt(None, "--data_mode cache's folder; default: HF_DATASETS_CACHE's")
+    streaming: bool = opt(False, "read a folder or Hub id of parquet or WebDataset .tar shards "
+                          "as training goes (nothing listed or decoded up front)")
+    shuffle_window: int = opt(1024, "--streaming: examples shuffled together (held per worker)")
+    classes: str | None = opt(None, "--streaming: a file of class names, one per line")
     max_image_pixels: int = opt(2 * 89_478_485, "larger images are refused (PIL's bomb guard)")
     num_workers: int = opt(-1, "loader worker processes; -1 = from the CPU count, 0 = none")
     crop_padding: int = opt(-1, "small recipe: random-crop padding in pixels; -1 = size // 8")
@@ -364,12 +372,15 @@ def epoch_batches(run: Run):
     go back to eval mode after model.train()."""
     loader, state = run.data.train, run.state
     keep_frozen(run)
-    epoch_loader = run.accelerator.skip_first_batches(loader, state.batch) if state.batch \
-        else loader
-    # A prepared loader sets its sampler's epoch from its own pass counter, which starts at 0
-    # in a resumed process (and in the loader skip_first_batches makes): set both.
-    epoch_loader.set_epoch(state.epoch)
     run.data.sampler.set_epoch(state.epoch)
+    if isinstance(loader, Streamed):
+        epoch_loader = loader.from_batch(state.batch)
+    else:
+        epoch_loader = run.accelerator.skip_first_batches(loader, state.batch) if state.batch \
+            else loader
+        # A prepared loader sets its sampler's epoch from its own pass counter, which starts
+        # at 0 in a resumed process (and in the loader skip_first_batches makes): set both.
+        epoch_loader.set_epoch(state.epoch)
     clock = {"epoch": time.perf_counter(), "log": time.perf_counter(),
              "train": time.perf_counter(), "log_steps": 0}
     return tqdm(epoch_loader, total=len(loader), initial=state.batch,
@@ -706,7 +717,8 @@ def mistakes(run: Run, worst: list, matrix: list | None, split, names: list[str]
         f"images: {run.dir / 'top_losses.csv'}")
     if run.accelerator.is_main_process:
         column = run.cfg.image_column
-        images = split.select([i for i, *_ in worst]).select_columns([column])[column]
+        images = [split[i][column] for i, *_ in worst] if isinstance(split, Shards) else \
+            split.select([i for i, *_ in worst]).select_columns([column])[column]
         with open(run.dir / "top_losses.csv", "w", newline="") as f:
             out = csv.writer(f)
             out.writerow(["image", "label", "predicted", "probability", "loss"])
@@ -729,6 +741,8 @@ def precise_bn(run: Run, model) -> None:
     dataset, ranks = data.train.dataset, acc.num_processes
     picked = epoch_permutation(len(dataset), cfg.seed, run.state.epoch)[:cfg.precise_bn]
     mine = picked[acc.process_index::ranks][:len(picked) // ranks].tolist()
+    if isinstance(data.sampler, StreamSampler):  # the first of its own rows: few row groups
+        mine = list(itertools.islice(data.sampler.plan(run.state.epoch, 0), len(mine)))
     loader = torch.utils.data.DataLoader(  # full batches: BatchNorm cannot take one image
         torch.utils.data.Subset(dataset, mine), batch_size=cfg.batch_size,
         drop_last=len(mine) >= cfg.batch_size,
@@ -1426,8 +1440,12 @@ def probe_images(split, image_col: str) -> tuple[list[tuple[int, int]], int]:
     n = len(split)
     rows = sorted({round(i * (n - 1) / max(1, PROBE_IMAGES - 1)) for i in range(PROBE_IMAGES)}
                   if n > PROBE_IMAGES else range(n))
+    if isinstance(split, Shards):  # streamed: the first shards' images
+        rows = range(min(n, PROBE_IMAGES))
+    images = [split[i][image_col] for i in rows] if isinstance(split, Shards) else split.select(
+        rows)[image_col][:]  # one batch, not row by row
     sizes, colour = [], 0
-    for i, image in zip(rows, split.select(rows)[image_col][:]):  # one batch, not row by row
+    for i, image in zip(rows, images):
         try:
             with open_image(image) as im:
                 sizes.append(shown_size(im))
@@ -1599,7 +1617,8 @@ def make_loader(run: Run, source: Source, meta: dict, mode: str, batch_size: int
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                          drop_last=train, **opts,
                                          generator=torch.Generator().manual_seed(run.cfg.seed))
-    return acc.prepare(loader)
+    return Streamed(loader, acc.device) if isinstance(sampler, StreamSampler) else acc.prepare(
+        loader)  # --streaming: each process reads its own part
 
 
 def pick_mode(run: Run, splits: list[tuple], meta: dict, image_col: str, label_col: str) -> str:
@@ -1641,7 +1660,7 @@ def build_data(run: Run) -> Data:
     here once), and the loaders."""
     cfg, acc = run.asked, run.accelerator
     with acc.main_process_first():  # Hub / imagefolder caches are written once
-        s = load_splits(cfg, run.hub)
+        s = stream_splits(cfg, run.hub) if cfg.streaming else load_splits(cfg, run.hub)
     sizes, colour = probe_images(s.source_train, s.image_col)  # the same for every --seed
     resolved, meta, note = preprocessing(cfg, s, sizes, colour)
     batch, batch_note = batch_size(cfg, len(s.train), acc.num_processes, "lr" in run.given)
@@ -1652,8 +1671,9 @@ def build_data(run: Run) -> Data:
         if line:
             print0(acc, line)
     parts = part_of(s, meta, True), part_of(s, meta, False)
-    mode = pick_mode(run, [(s.train, True, parts[0]), (s.val, False, parts[1])], meta,
-                     s.image_col, s.label_col)
+    mode = "stream" if cfg.streaming else pick_mode(
+        run, [(s.train, True, parts[0]), (s.val, False, parts[1])], meta, s.image_col,
+        s.label_col)
     workers = worker_count(cfg)
     if cfg.num_workers > workers:
         print0(acc, f"note: --num_workers {cfg.num_workers} capped at {workers} (CPU cores)")
@@ -1662,7 +1682,8 @@ def build_data(run: Run) -> Data:
         image_column=s.image_col, label_column=s.label_col, output_dir=str(run.dir),
         threads=torch.get_num_threads(), mixed_precision=acc.mixed_precision,
         cache_dir=str(cache_root(cfg)) if mode == "cache" else cfg.cache_dir)
-    sampler = EpochSampler(len(s.train), cfg.seed)
+    sampler = StreamSampler(s.train, batch, acc.process_index, acc.num_processes, cfg) \
+        if cfg.streaming else EpochSampler(len(s.train), cfg.seed)
     train = make_loader(run, Source(s.train, s.image_col, s.label_col, parts[0]), meta, mode,
                         batch, sampler)
     val = make_loader(run, Source(s.val, s.image_col, s.label_col, parts[1]), meta, mode, batch,
@@ -2090,7 +2111,8 @@ def run_identity(run: Run) -> dict:
             "channels": meta["channels"], "batch_size": cfg.batch_size,
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
             "num_processes": run.accelerator.num_processes, "num_classes": meta["num_classes"],
-            "train_count": run.data.counts[0]}
+            "train_count": run.data.counts[0],
+            "streaming": cfg.streaming and cfg.shuffle_window}  # the order of a streamed epoch
 
 
 def resolve_run_dir(cfg: Config, suffix: str) -> tuple[Path, bool]:
@@ -2273,6 +2295,7 @@ CHECKS = [  # (field, ok, requirement)
     ("val_fraction", lambda v: 0 < v < 1, "between 0 and 1"),
     ("image_size", lambda v: 0 <= v <= MAX_IMAGE_SIZE, f"between 0 (auto) and {MAX_IMAGE_SIZE}"),
     ("num_workers", lambda v: v >= -1, ">= -1"),
+    ("shuffle_window", lambda v: v >= 1, "at least 1"),
     ("crop_scale", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("crop_ratio", lambda v: 1 <= v <= 10, "in [1, 10]"),
     ("crop_fraction", lambda v: 0.2 <= v <= 1, "in [0.2, 1]"),
@@ -2302,6 +2325,12 @@ RULES = [  # (broken, message): flags that cannot go together, in the order they
      "weights: name a torchvision --model (resnet18, ...); for a cnn run use --init_from RUN_DIR"),
     (lambda c, given: c.freeze_backbone and not (c.pretrained or c.init_from),
      "--freeze_backbone would train a head on random features: add --pretrained or --init_from"),
+    (lambda c, given: c.streaming and (c.eval_only or c.predict), "--streaming is for "
+     "training; --eval_only reads a folder, a save_to_disk directory or a Hub id without it"),
+    (lambda c, given: c.streaming and c.data_mode in ("memory", "cache"), "--streaming reads "
+     "the shards as it trains: drop --data_mode {c.data_mode}"),
+    *[(lambda c, given, flag=flag: flag in given and not c.streaming, f"--{flag} goes with "
+       "--streaming") for flag in ("shuffle_window", "classes")],
     (lambda c, given: c.channels == 1 and c.model != "cnn",
      "--channels 1: torchvision models (--model {c.model}) take RGB input"),
 ]
@@ -2575,6 +2604,260 @@ def make_accelerator(cfg: Config, cpu: bool, run_dir: Path):
         torch.set_num_threads(min(threads, cores))
     remember_accelerate_answers()
     return accelerator
+
+
+# ----------------------------------------------------------------------------- streamed shards
+# --streaming: parquet or WebDataset .tar shards, found as datasets finds its data files, read
+# as training goes. Start-up reads parquet footers (row counts, row groups, columns) and tar
+# member headers (with each sample's .cls label), never the images. Rows are (shard, row).
+
+TAR_IMAGES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")  # webdataset's image keys
+
+
+class Shards:
+    """One split's shards, read a row at a time: parquet by row group (the last ones read are
+    kept), tar through an index of a shard's members made when it is first read. A row is a
+    (shard, row) pair or, counting through the shards in order, a number. No file stays open:
+    loader workers share nothing but what the cache held when they were forked."""
+
+    def __init__(self, paths: list[str], counts: list[int], groups: list, features, top: int):
+        self.paths, self.counts, self.groups, self.features = paths, counts, groups, features
+        self.top, self.starts = top, np.cumsum([0, *counts]).tolist()  # top: largest .cls
+        self.columns, self.names, self.keep, self.cache = None, None, 2, {}
+
+    def use(self, image_col: str, label_col: str, names: list[str], window: int) -> None:
+        self.columns, self.names = (image_col, label_col), names
+        self.keep = 2 + window // max(1, min(b - a for g in self.groups for a, b in zip(g, g[1:])))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, i):
+        shard, row = i if isinstance(i, tuple) else locate(self.starts, range(len(self.paths)), i)
+        path, (image_col, label_col) = self.paths[shard], self.columns
+        where = f"{path} row {row}"
+        if path.endswith(".tar"):
+            image, label = self.tar_row(shard, row)
+        else:
+            g = bisect.bisect_right(self.groups[shard], row) - 1
+            images, labels = self.kept((shard, g), lambda: self.row_group(shard, g))
+            image, label = images[row - self.groups[shard][g]], labels[row - self.groups[shard][g]]
+        if isinstance(label, str):
+            label = self.names.index(label) if label in self.names else -1
+        if not image or not 0 <= label < len(self.names):
+            raise Exit(f"{where}: " + ("no image bytes" if not image else
+                       f"label {label!r} is not one of the {len(self.names)} classes"))
+        return {image_col: {"bytes": image, "path": where}, label_col: label}
+
+    def kept(self, key: tuple, read):
+        """A row group or a tar index, read once; the oldest go when there are `keep`."""
+        if key not in self.cache:
+            self.cache[key] = read()
+            while len(self.cache) > self.keep:
+                self.cache.pop(next(iter(self.cache)))
+        return self.cache[key]
+
+    def row_group(self, shard: int, g: int) -> tuple[list, list]:
+        import pyarrow.parquet as pq
+        with fsspec_open(self.paths[shard]) as f:
+            table = pq.ParquetFile(f).read_row_group(g, columns=list(self.columns))
+        images = table.column(self.columns[0]).combine_chunks()
+        if hasattr(images.type, "get_field_index"):  # datasets' Image: {bytes, path}
+            images = images.field("bytes")
+        return images.to_pylist(), table.column(self.columns[1]).to_pylist()
+
+    def tar_row(self, shard: int, row: int) -> tuple[bytes, int]:
+        members = self.kept((shard, "tar"), lambda: tar_members(self.paths[shard], False)[0])[row]
+        with fsspec_open(self.paths[shard]) as f:
+            f.seek(members[self.columns[0]][0])
+            image = f.read(members[self.columns[0]][1])
+            f.seek(members["cls"][0])
+            return image, int(f.read(members["cls"][1]))
+
+
+def fsspec_open(path: str):
+    if "://" not in path:
+        return open(path, "rb")
+    import fsspec  # hf://, s3://, ...: datasets' own dependency
+    return fsspec.open(path, "rb").open()
+
+
+def locate(starts: list[int], order, position: int) -> tuple[int, int]:
+    """(shard, row) of a position in the shards concatenated in `order` (starts: cumulative)."""
+    k = bisect.bisect_right(starts, position) - 1
+    return order[k], position - starts[k]
+
+
+def tar_members(path: str, labels: bool = True) -> tuple[list[dict], int]:
+    """A WebDataset shard's samples in order, each {extension: (offset, size)} (a sample is the
+    files that share a name up to the first dot), and its largest .cls label."""
+    samples, keys, top = [], {}, -1
+    with fsspec_open(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        for m in tar:
+            if not m.isfile() or m.name.startswith("."):
+                continue
+            key, _, ext = os.path.basename(m.name).partition(".")
+            key = os.path.join(os.path.dirname(m.name), key)
+            if key not in keys:
+                keys[key] = len(samples)
+                samples.append({})
+            samples[keys[key]][ext.lower()] = (m.offset_data, m.size)
+        for i, sample in enumerate(samples):
+            if "cls" not in sample or not any(e in sample for e in TAR_IMAGES):
+                raise Exit(f"shard {path}: sample {list(keys)[i]} has {listing(sample)}: each "
+                           f"needs an image ({listing(TAR_IMAGES)}) and a .cls label")
+            if not labels:
+                continue
+            f.seek(sample["cls"][0])
+            text = f.read(sample["cls"][1]).strip()
+            if not text.isdigit():
+                raise Exit(f"shard {path}: sample {list(keys)[i]}.cls holds {text[:20]!r}, not a "
+                           "class number")
+            top = max(top, int(text))
+    return samples, top
+
+
+def open_shards(paths: list[str]) -> Shards:
+    """Row counts, row groups and columns of each shard, all the same; none may be empty."""
+    import pyarrow.parquet as pq
+    counts, groups, columns, top = [], [], None, -1
+    for path in paths:
+        try:
+            if path.endswith(".tar"):
+                samples, most = tar_members(path)
+                found, top = sorted(samples[0]) if samples else [], max(top, most)
+                counts.append(len(samples))
+                groups.append([0, len(samples)])
+                features = datasets.Features({e: datasets.Image() if e in TAR_IMAGES else
+                                              datasets.Value("int64" if e == "cls" else "binary")
+                                              for e in found})
+            else:
+                with fsspec_open(path) as f:
+                    info = pq.ParquetFile(f).metadata
+                    schema = info.schema.to_arrow_schema()
+                found = [f"{n} ({t})" for n, t in zip(schema.names, schema.types)]
+                features = datasets.Features.from_arrow_schema(schema)
+                counts.append(info.num_rows)
+                groups.append(np.cumsum([0] + [info.row_group(g).num_rows
+                                               for g in range(info.num_row_groups)]).tolist())
+        except (OSError, tarfile.TarError, ValueError) as e:  # pyarrow's errors are ValueErrors
+            raise Exit(f"cannot read shard {path}: {first_line(e)}; replace or remove it") from None
+        if not counts[-1]:
+            raise Exit(f"shard {path} holds no examples; remove it")
+        if columns is not None and found != columns[1]:
+            raise Exit(f"shard {path} has columns {listing(found)}, {columns[0]} has "
+                       f"{listing(columns[1])}: the shards of a split need the same columns")
+        columns = columns or (path, found, features)
+    return Shards(paths, counts, groups, columns[2], top)
+
+
+def stream_splits(cfg: Config, hub: str | None) -> Splits:
+    """--streaming: training and validation shards, as datasets finds a folder's or a Hub
+    repository's data files (data/train-*.parquet, validation/*.tar, ...); their columns and
+    classes, from the features (ClassLabel), --classes, or the largest label."""
+    local = Path(cfg.dataset).expanduser()
+    if hub in ("unreachable", "offline"):
+        raise Exit(f"--dataset {cfg.dataset}: no local folder of that name, and the Hugging Face "
+                   "Hub " + ("cannot be reached from here" if hub == "unreachable" else
+                             "is off (HF_HUB_OFFLINE=1)") + ": --streaming reads it from there")
+    if hub is None and not local.is_dir():
+        raise Exit(f"--dataset {cfg.dataset}: no such directory")
+    try:
+        builder = datasets.load_dataset_builder(str(local) if hub is None else cfg.dataset,
+                                                cfg.dataset_config, revision=cfg.revision)
+        files = {str(k): list(v) for k, v in (builder.config.data_files or {}).items()}
+    except Exception as e:
+        raise Exit(f"cannot stream --dataset {cfg.dataset}: {load_error(e)}") from None
+    kinds = {f.rsplit(".", 1)[-1].lower() for split in files.values() for f in split}
+    if not files or len(kinds) != 1 or not kinds <= {"parquet", "tar"}:
+        raise Exit(f"--streaming reads parquet or WebDataset .tar shards; {cfg.dataset} holds "
+                   f"{listing(sorted(kinds)) or 'no data files'}: leave out --streaming")
+    train_name = "train" if "train" in files else next(iter(files))
+    val_name = next((s for s in VAL_SPLITS if s in files and s != train_name), None)
+    if val_name is None:
+        raise Exit(f"--streaming needs a validation split beside '{train_name}' in "
+                   f"{cfg.dataset} (e.g. data/validation-00000-of-00001.parquet or "
+                   "validation/*.tar); its splits are " + listing(files))
+    train, val = open_shards(files[train_name]), open_shards(files[val_name])
+    image_col, label_col, note = find_columns(train, cfg.image_column, cfg.label_column or (
+        "cls" if "cls" in train.features and "tar" in kinds else None))
+    if val.features != train.features:
+        raise Exit(f"the validation shards' columns ({listing(val.features)}) differ from the "
+                   f"training shards' ({listing(train.features)})")
+    feature = train.features[label_col]
+    if cfg.classes and not Path(cfg.classes).is_file():
+        raise Exit(f"--classes {cfg.classes}: no such file (a class name per line)")
+    if cfg.classes:
+        names = [n.strip() for n in Path(cfg.classes).read_text().splitlines() if n.strip()]
+    elif isinstance(feature, datasets.ClassLabel):
+        names = feature.names
+    elif label_col == "cls":  # tar: every label was read with the headers
+        names = [str(i) for i in range(max(train.top, val.top) + 1)]
+        note += f"\nnote: classes 0-{len(names) - 1} from the .cls labels; --classes FILE names them"
+    else:
+        raise Exit(f"--label_column {label_col} holds {describe(feature)} without class names: "
+                   "pass --classes FILE (a class name per line, in label order)")
+    if len(names) < 2:
+        raise Exit(f"{cfg.dataset} has {len(names)} class; a classifier needs two or more")
+    for split in (train, val):
+        split.use(image_col, label_col, names, cfg.shuffle_window)
+    shards = (f"streaming: {len(train.paths)} training and {len(val.paths)} validation "
+              f"{kinds.pop()} shards, read as training goes")
+    return Splits(train, val, image_col, label_col, names, train, [shards, note])
+
+
+class StreamSampler:
+    """This process's share of an epoch as (shard, row) pairs, drawn from (seed, epoch) alone:
+    the shards in a random order, concatenated; process r of P takes positions [r*L, r*L + n)
+    (L = N // P, n: its full batches), shuffled within windows of --shuffle_window positions.
+    An epoch resumes at any batch without reading the ones before it."""
+
+    def __init__(self, shards: Shards, batch: int, rank: int, processes: int, cfg: Config):
+        per, self.shards, self.batch, self.rank, self.seed = (
+            len(shards) // processes, shards, batch, rank, cfg.seed)
+        self.n, self.first = per // batch * batch, rank * per
+        self.window, self.epoch, self.start = max(1, cfg.shuffle_window // batch) * batch, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return self.plan(self.epoch, self.start)
+
+    def plan(self, epoch: int, batch: int):
+        gen = torch.Generator().manual_seed(hash((self.seed, epoch)) % 2**62)
+        order = torch.randperm(len(self.shards.paths), generator=gen).tolist()
+        starts = np.cumsum([0, *(self.shards.counts[s] for s in order)]).tolist()
+        p = batch * self.batch
+        while p < self.n:
+            lo = p // self.window * self.window
+            hi = min(lo + self.window, self.n)
+            gen.manual_seed(hash((self.seed, epoch, self.rank, lo)) % 2**62)
+            for j in torch.randperm(hi - lo, generator=gen)[p - lo:].tolist():
+                yield locate(starts, order, self.first + lo + j)
+            p = hi
+
+
+class Streamed:
+    """The training loader of --streaming: this process's own batches (not Accelerate's
+    sharding), moved to the device; an epoch starts at a given batch."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device, self.dataset = loader, device, loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def from_batch(self, batch: int):
+        self.loader.sampler.start = batch
+        return self
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device)
 
 
 # ----------------------------------------------------------------------------- decoded cache
