@@ -2793,7 +2793,7 @@ def stream_splits(cfg: Config, hub: str | None) -> Splits:
         names = feature.names
     elif label_col == "cls":  # tar: every label was read with the headers
         names = [str(i) for i in range(max(train.top, val.top) + 1)]
-        note += f"\nnote: classes 0-{len(names) - 1} from the .cls labels; --classes FILE names them"
+        note += f"\nnote: classes 0-{len(names) - 1} from the .cls labels (--classes names them)"
     else:
         raise Exit(f"--label_column {label_col} holds {describe(feature)} without class names: "
                    "pass --classes FILE (a class name per line, in label order)")

@@ -181,7 +181,7 @@ def test_tar_shards_train(tmp_path):
                    tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "5 training and 1 validation tar shards" in proc.stdout
-    assert "classes 0-9 from the .cls labels" in proc.stdout
+    assert "classes 0-9 from the .cls labels (--classes names them)" in proc.stdout
     res = results(tmp_path / "run")
     assert res["val_count"] == VAL_ROWS and res["val_acc"] > 0.8
 
