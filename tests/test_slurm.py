@@ -258,3 +258,36 @@ def test_two_nodes_share_one_decoded_cache(cluster, checkout, multi_run):
     run = checkout / "runs" / f"train-multi-{job}"
     assert results(run)["data_mode"] == "cache"
     assert_same_weights(run, multi_run)
+
+
+@pytest.mark.slow
+def test_two_nodes_stream_shards_preempted_mid_epoch_bit_exact(cluster, checkout):
+    """--streaming from local parquet shards on two nodes: preempted mid-epoch by SIGUSR1,
+    requeued, resumed at its batch, and bit-identical to the same job left alone."""
+    from test_streaming import parquet_shards
+    shards = parquet_shards(checkout / "shards")
+    args = ["--streaming", "--dataset", shards, "--epochs", 3, "--checkpoint_every", 4,
+            "--log_every", 1, "--batch_size", 32]  # 22 steps an epoch on 2 nodes
+    whole = submit(cluster, checkout, "multi_node.sbatch", *args)
+    job = submit(cluster, checkout, "multi_node.sbatch", *args)
+    info = cluster.wait(whole)
+    assert info["JobState"] == "COMPLETED", log_of(checkout, info)[-3000:]
+    run = checkout / "runs" / f"train-multi-{job}"
+    deadline, step = time.time() + 300, 0
+    while step < 27 and time.time() < deadline:  # inside the second epoch
+        time.sleep(0.02)
+        if (run / "metrics.jsonl").exists():
+            steps = re.findall(r'"step": (\d+)', (run / "metrics.jsonl").read_text())
+            step = max(map(int, steps), default=0)
+    assert step >= 27, "training did not get under way"
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=cluster.env)
+    info = cluster.wait(job, timeout=400)
+    log = log_of(checkout, info)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    stopped = int(re.search(r"stopped by SIGUSR1 at step (\d+)", log).group(1))
+    assert 27 <= stopped < 44 and stopped % 22, log[-3000:]  # mid-epoch
+    reference = checkout / "runs" / f"train-multi-{whole}"
+    assert sorted(json.loads((run / "config.json").read_text())["hostnames"]) == ["n1", "n2"]
+    assert_same_weights(run, reference)
+    assert (run / "metrics.jsonl").read_text().count('"eval"') == 3
+    assert results(run)["val_acc"] == results(reference)["val_acc"]
