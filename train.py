@@ -2644,7 +2644,7 @@ class Shards:
             image, label = images[row - self.groups[shard][g]], labels[row - self.groups[shard][g]]
         if isinstance(label, str):
             label = self.names.index(label) if label in self.names else -1
-        if not image or not 0 <= label < len(self.names):
+        if not image or type(label) is not int or not 0 <= label < len(self.names):
             raise Exit(f"{where}: " + ("no image bytes" if not image else
                        f"label {label!r} is not one of the {len(self.names)} classes"))
         return {image_col: {"bytes": image, "path": where}, label_col: label}
@@ -2709,8 +2709,8 @@ def tar_members(path: str, labels: bool = True) -> tuple[list[dict], int]:
             if not labels:
                 continue
             f.seek(sample["cls"][0])
-            text = f.read(sample["cls"][1]).strip()
-            if not text.isdigit():
+            text = f.read(min(sample["cls"][1], 32)).strip()
+            if not text.isdigit() or sample["cls"][1] > 32:
                 raise Exit(f"shard {path}: sample {list(keys)[i]}.cls holds {text[:20]!r}, not a "
                            "class number")
             top = max(top, int(text))

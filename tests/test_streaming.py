@@ -210,8 +210,8 @@ def copy(shards: Path, to: Path) -> Path:
 def test_bad_shards_get_one_line_and_exit_2(tmp_path, shards, capsys):
     def refused(data, *extra):
         capsys.readouterr()
-        assert run_main("--streaming", "--dataset", data, "--output_dir", tmp_path / "r",
-                        "--epochs", 1, *extra) == 2
+        assert run_main("--streaming", "--dataset", data, "--output_dir",
+                        tmp_path / f"r-{Path(data).name}", "--epochs", 1, *extra) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err, err
         return err
@@ -236,8 +236,21 @@ def test_bad_shards_get_one_line_and_exit_2(tmp_path, shards, capsys):
     rewrite(path, lambda t: {"image": [
         {"bytes": b"\x89PNG garbage" if i == 7 else im["bytes"], "path": None}
         for i, im in enumerate(t["image"].to_pylist())], "id": t["id"], "label": t["label"]})
-    err = refused(broken, "--num_workers", 1)
-    assert f"cannot read image {path} row 7" in err
+    err = refused(broken)
+    assert f"cannot read image {path} row 7" in err  # among the images probed up front
+
+    # in a loader worker, while training: a shard past the probed ones
+    late = copy(shards, tmp_path / "late")
+    path = late / "data" / "train-00004-of-00005.parquet"
+    rewrite(path, lambda t: {"image": [{"bytes": b"\x89PNG garbage", "path": None}] * len(t),
+                             "id": t["id"], "label": t["label"]})
+    err = refused(late, "--num_workers", 1)
+    assert f"cannot read image {path} row " in err
+    labels = copy(shards, tmp_path / "labels")
+    path = labels / "data" / "train-00004-of-00005.parquet"
+    rewrite(path, lambda t: {"image": t["image"], "id": t["id"], "label": [12] * len(t)})
+    err = refused(labels, "--num_workers", 1)
+    assert f"{path} row " in err and "label 12 is not one of the 10 classes" in err
 
     no_val = copy(shards, tmp_path / "noval")
     for f in (no_val / "data").glob("validation-*"):
@@ -254,6 +267,8 @@ def test_bad_shards_get_one_line_and_exit_2(tmp_path, shards, capsys):
     assert "--classes goes with --streaming" in capsys.readouterr().err
     assert run_main("--streaming", "--data_mode", "memory") == 2
     assert "drop --data_mode memory" in capsys.readouterr().err
+    assert run_main("--streaming", "--eval_only", "--weights", "run") == 2
+    assert "--streaming is for training" in capsys.readouterr().err
 
 
 def test_tar_sample_without_a_label_is_refused(tmp_path, capsys):
