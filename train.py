@@ -56,6 +56,7 @@ import dataclasses
 import datetime
 import difflib
 import errno
+import fnmatch
 import fcntl
 import functools
 import hashlib
@@ -2755,23 +2756,7 @@ def stream_splits(cfg: Config, hub: str | None) -> Splits:
     """--streaming: training and validation shards, as datasets finds a folder's or a Hub
     repository's data files (data/train-*.parquet, validation/*.tar, ...); their columns and
     classes, from the features (ClassLabel), --classes, or the largest label."""
-    local = Path(cfg.dataset).expanduser()
-    if hub in ("unreachable", "offline"):
-        raise Exit(f"--dataset {cfg.dataset}: no local folder of that name, and the Hugging Face "
-                   "Hub " + ("cannot be reached from here" if hub == "unreachable" else
-                             "is off (HF_HUB_OFFLINE=1)") + ": --streaming reads it from there")
-    if hub is None and not local.is_dir():
-        raise Exit(f"--dataset {cfg.dataset}: no such directory")
-    try:
-        builder = datasets.load_dataset_builder(str(local) if hub is None else cfg.dataset,
-                                                cfg.dataset_config, revision=cfg.revision)
-        files = {str(k): list(v) for k, v in (builder.config.data_files or {}).items()}
-    except Exception as e:
-        raise Exit(f"cannot stream --dataset {cfg.dataset}: {load_error(e)}") from None
-    kinds = {f.rsplit(".", 1)[-1].lower() for split in files.values() for f in split}
-    if not files or len(kinds) != 1 or not kinds <= {"parquet", "tar"}:
-        raise Exit(f"--streaming reads parquet or WebDataset .tar shards; {cfg.dataset} holds "
-                   f"{listing(sorted(kinds)) or 'no data files'}: leave out --streaming")
+    files, kinds = shard_files(cfg, hub)
     train_name = "train" if "train" in files else next(iter(files))
     val_name = next((s for s in VAL_SPLITS if s in files and s != train_name), None)
     if val_name is None:
@@ -2804,6 +2789,34 @@ def stream_splits(cfg: Config, hub: str | None) -> Splits:
     shards = (f"streaming: {len(train.paths)} training and {len(val.paths)} validation "
               f"{kinds.pop()} shards, read as training goes")
     return Splits(train, val, image_col, label_col, names, train, [shards, note])
+
+
+def shard_files(cfg: Config, hub: str | None) -> tuple[dict, set]:
+    """Each split's shards, as datasets resolves a folder's or Hub repository's data files; a
+    glob keeps those of its folder that it matches (e.g. 'shards/*/part-*.tar')."""
+    local = Path(cfg.dataset).expanduser()
+    glob = str(local) if set("*?[") & set(cfg.dataset) else None
+    if glob:  # the folder above the first wildcard
+        local = Path(*itertools.takewhile(lambda p: not set("*?[") & set(p), local.parts))
+    if hub in ("unreachable", "offline"):
+        raise Exit(f"--dataset {cfg.dataset}: no local folder of that name, and the Hugging Face "
+                   "Hub " + ("cannot be reached from here" if hub == "unreachable" else
+                             "is off (HF_HUB_OFFLINE=1)") + ": --streaming reads it from there")
+    if hub is None and not local.is_dir():
+        raise Exit(f"--dataset {cfg.dataset}: no such directory")
+    try:
+        builder = datasets.load_dataset_builder(str(local) if hub is None else cfg.dataset,
+                                                cfg.dataset_config, revision=cfg.revision)
+        files = {str(k): [f for f in v if glob is None or fnmatch.fnmatch(f, glob)]
+                 for k, v in (builder.config.data_files or {}).items()}
+    except Exception as e:
+        raise Exit(f"cannot stream --dataset {cfg.dataset}: {load_error(e)}") from None
+    files = {k: v for k, v in files.items() if v}
+    kinds = {f.rsplit(".", 1)[-1].lower() for split in files.values() for f in split}
+    if not files or len(kinds) != 1 or not kinds <= {"parquet", "tar"}:
+        raise Exit(f"--streaming reads parquet or WebDataset .tar shards; {cfg.dataset} holds "
+                   f"{listing(sorted(kinds)) or 'no data files'}: leave out --streaming")
+    return files, kinds
 
 
 class StreamSampler:
@@ -3118,7 +3131,7 @@ def hub_access(dataset: str) -> str | None:
     'unreachable', which sets HF_HUB_OFFLINE=1 so that a cached copy loads at once and a
     missing one fails at once."""
     if dataset == "digits" or Path(dataset).expanduser().exists() or dataset.startswith(
-            (".", "/", "~")) or dataset.count("/") > 1:
+            (".", "/", "~")) or dataset.count("/") > 1 or set("*?[") & set(dataset):
         return None
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         return "offline"

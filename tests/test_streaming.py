@@ -280,3 +280,16 @@ def test_tar_sample_without_a_label_is_refused(tmp_path, capsys):
     assert run_main("--streaming", "--dataset", data, "--output_dir", tmp_path / "r") == 2
     err = capsys.readouterr().err
     assert "train-0000.tar: sample lonely has png" in err and ".cls label" in err
+
+
+def test_a_glob_takes_the_shards_it_matches(tmp_path, shards, capsys):
+    glob = shards / "data" / "*-0000[0-2]-of-*.parquet"  # train 0-2 (860 rows), validation
+    assert run_main("--streaming", "--dataset", glob, "--epochs", 1, "--output_dir",
+                    tmp_path / "run") == 0
+    out = capsys.readouterr().out
+    assert "streaming: 3 training and 2 validation parquet shards" in out
+    assert "data: 860 training and 360 validation images" in out
+    assert results(tmp_path / "run")["steps"] == 860 // 64
+    assert run_main("--streaming", "--dataset", shards / "data" / "*.tar", "--output_dir",
+                    tmp_path / "none") == 2
+    assert "holds no data files" in capsys.readouterr().err
