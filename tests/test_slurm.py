@@ -170,14 +170,7 @@ def test_multi_node_template_uses_both_nodes_and_metrics_are_exact(multi_run, tm
 def test_preemption_requeues_resumes_and_ends_bit_exact(cluster, checkout, multi_run):
     job = submit(cluster, checkout, "multi_node.sbatch", *MULTI)
     run = checkout / "runs" / f"train-multi-{job}"
-    deadline = time.time() + 120
-    step = 0
-    while step < 5 and time.time() < deadline:  # wait until training is under way
-        time.sleep(0.02)
-        if (run / "metrics.jsonl").exists():
-            steps = re.findall(r'"step": (\d+)', (run / "metrics.jsonl").read_text())
-            step = max(map(int, steps), default=0)
-    assert step >= 5, "training did not start"
+    wait_for_step(run, 5, 120)  # training is under way
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=cluster.env)
     info = cluster.wait(job, timeout=300)
     log = log_of(checkout, info)
@@ -188,6 +181,17 @@ def test_preemption_requeues_resumes_and_ends_bit_exact(cluster, checkout, multi
     assert 5 <= stopped < 66
     assert_same_weights(run, multi_run)
     assert results(run)["val_acc"] == results(multi_run)["val_acc"]
+
+
+def wait_for_step(run: Path, step: int, timeout: float) -> None:
+    """Until the run's metrics.jsonl has reached optimizer step `step`."""
+    deadline, done = time.time() + timeout, 0
+    while done < step and time.time() < deadline:
+        time.sleep(0.02)
+        if (run / "metrics.jsonl").exists():
+            steps = re.findall(r'"step": (\d+)', (run / "metrics.jsonl").read_text())
+            done = max(map(int, steps), default=0)
+    assert done >= step, f"training did not reach step {step} in {timeout} s"
 
 
 def train_processes(run_dir: str) -> list[psutil.Process]:
@@ -273,13 +277,7 @@ def test_two_nodes_stream_shards_preempted_mid_epoch_bit_exact(cluster, checkout
     info = cluster.wait(whole)
     assert info["JobState"] == "COMPLETED", log_of(checkout, info)[-3000:]
     run = checkout / "runs" / f"train-multi-{job}"
-    deadline, step = time.time() + 300, 0
-    while step < 27 and time.time() < deadline:  # inside the second epoch
-        time.sleep(0.02)
-        if (run / "metrics.jsonl").exists():
-            steps = re.findall(r'"step": (\d+)', (run / "metrics.jsonl").read_text())
-            step = max(map(int, steps), default=0)
-    assert step >= 27, "training did not get under way"
+    wait_for_step(run, 27, 300)  # inside the second epoch
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=cluster.env)
     info = cluster.wait(job, timeout=400)
     log = log_of(checkout, info)
