@@ -2646,8 +2646,11 @@ class Shards:
         if isinstance(label, str):
             label = self.names.index(label) if label in self.names else -1
         if not image or type(label) is not int or not 0 <= label < len(self.names):
-            raise Exit(f"{where}: " + ("no image bytes" if not image else
+            raise Exit(f"{where}: " + ("no image" if not image else
                        f"label {label!r} is not one of the {len(self.names)} classes"))
+        if isinstance(image, str):  # a file path (datasets' to_parquet of an image folder)
+            return {image_col: {"path": os.path.join(os.path.dirname(path), image)},
+                    label_col: label}
         return {image_col: {"bytes": image, "path": where}, label_col: label}
 
     def kept(self, key: tuple, read):
@@ -2664,8 +2667,10 @@ class Shards:
             table = pq.ParquetFile(f).read_row_group(g, columns=list(self.columns))
         images = table.column(self.columns[0]).combine_chunks()
         if hasattr(images.type, "get_field_index"):  # datasets' Image: {bytes, path}
-            images = images.field("bytes")
-        return images.to_pylist(), table.column(self.columns[1]).to_pylist()
+            images = [b or p for b, p in zip(images.field("bytes").to_pylist(),
+                                            images.field("path").to_pylist())]
+        return images if isinstance(images, list) else images.to_pylist(), table.column(
+            self.columns[1]).to_pylist()
 
     def tar_row(self, shard: int, row: int) -> tuple[bytes, int]:
         members = self.kept((shard, "tar"), lambda: tar_members(self.paths[shard], False)[0])[row]

@@ -293,3 +293,18 @@ def test_a_glob_takes_the_shards_it_matches(tmp_path, shards, capsys):
     assert run_main("--streaming", "--dataset", shards / "data" / "*.tar", "--output_dir",
                     tmp_path / "none") == 2
     assert "holds no data files" in capsys.readouterr().err
+
+
+def test_parquet_of_file_paths_reads_the_files(tmp_path, image_folder, capsys):
+    """datasets' to_parquet of an image folder stores paths, not bytes: the files are read."""
+    import datasets
+    folder = datasets.load_dataset("imagefolder", data_dir=str(image_folder))
+    (tmp_path / "paths" / "data").mkdir(parents=True)
+    for split, rows in folder.items():
+        rows.to_parquet(tmp_path / "paths" / "data" / f"{split}-00000-of-00001.parquet")
+    assert run_main("--streaming", "--dataset", tmp_path / "paths", "--epochs", 6,
+                    "--output_dir", tmp_path / "run") == 0
+    res = results(tmp_path / "run")
+    assert res["val_count"] == 30 and res["val_acc"] > 0.8
+    first = (tmp_path / "run" / "top_losses.csv").read_text().splitlines()[1]
+    assert first.startswith(str(image_folder / "validation" / "digit"))
