@@ -2663,8 +2663,12 @@ class Shards:
 
     def row_group(self, shard: int, g: int) -> tuple[list, list]:
         import pyarrow.parquet as pq
-        with fsspec_open(self.paths[shard]) as f:
-            table = pq.ParquetFile(f).read_row_group(g, columns=list(self.columns))
+        try:
+            with fsspec_open(self.paths[shard]) as f:
+                table = pq.ParquetFile(f).read_row_group(g, columns=list(self.columns))
+        except (OSError, ValueError) as e:  # pyarrow's errors are these
+            raise Exit(f"cannot read shard {self.paths[shard]}, row group {g}: "
+                       f"{first_line(e)}; replace or remove it") from None
         images = table.column(self.columns[0]).combine_chunks()
         if hasattr(images.type, "get_field_index"):  # datasets' Image: {bytes, path}
             images = [b or p for b, p in zip(images.field("bytes").to_pylist(),
@@ -2746,7 +2750,9 @@ def open_shards(paths: list[str]) -> Shards:
                 counts.append(info.num_rows)
                 groups.append(np.cumsum([0] + [info.row_group(g).num_rows
                                                for g in range(info.num_row_groups)]).tolist())
-        except (OSError, tarfile.TarError, ValueError) as e:  # pyarrow's errors are ValueErrors
+        except Exit:
+            raise
+        except Exception as e:  # pyarrow's, tarfile's, a forged schema's (datasets' features)
             raise Exit(f"cannot read shard {path}: {first_line(e)}; replace or remove it") from None
         if not counts[-1]:
             raise Exit(f"shard {path} holds no examples; remove it")

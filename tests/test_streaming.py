@@ -208,12 +208,18 @@ def copy(shards: Path, to: Path) -> Path:
 
 
 def test_bad_shards_get_one_line_and_exit_2(tmp_path, shards, capsys):
-    def refused(data, *extra):
-        capsys.readouterr()
-        assert run_main("--streaming", "--dataset", data, "--output_dir",
-                        tmp_path / f"r-{Path(data).name}", "--epochs", 1, *extra) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "Traceback" not in err, err
+    def refused(data, *extra, workers: bool = False):
+        """In this process; with loader workers as a program (its exit ends the workers
+        that an error leaves: in this process they would outlive the test)."""
+        args = ["--streaming", "--dataset", data, "--output_dir",
+                tmp_path / f"r-{Path(data).name}", "--epochs", 1, *extra]
+        if workers:
+            proc = run_cli(*args, "--num_workers", 1, timeout=300)
+            code, err = proc.returncode, proc.stderr
+        else:
+            capsys.readouterr()
+            code, err = run_main(*args), capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
         return err
 
     one = copy(shards, tmp_path / "garbage")
@@ -244,13 +250,29 @@ def test_bad_shards_get_one_line_and_exit_2(tmp_path, shards, capsys):
     path = late / "data" / "train-00004-of-00005.parquet"
     rewrite(path, lambda t: {"image": [{"bytes": b"\x89PNG garbage", "path": None}] * len(t),
                              "id": t["id"], "label": t["label"]})
-    err = refused(late, "--num_workers", 1)
+    err = refused(late, workers=True)
     assert f"cannot read image {path} row " in err
     labels = copy(shards, tmp_path / "labels")
     path = labels / "data" / "train-00004-of-00005.parquet"
     rewrite(path, lambda t: {"image": t["image"], "id": t["id"], "label": [12] * len(t)})
-    err = refused(labels, "--num_workers", 1)
+    err = refused(labels, workers=True)
     assert f"{path} row " in err and "label 12 is not one of the 10 classes" in err
+
+    pages = copy(shards, tmp_path / "pages")  # the footer intact, the data pages not
+    path = pages / "data" / "train-00004-of-00005.parquet"
+    raw = bytearray(path.read_bytes())
+    raw[4:len(raw) // 2] = bytes(len(raw) // 2 - 4)
+    path.write_bytes(bytes(raw))
+    err = refused(pages, workers=True)
+    assert f"cannot read shard {path}, row group " in err
+
+    forged = copy(shards, tmp_path / "forged")
+    path = forged / "data" / "train-00000-of-00005.parquet"
+    import pyarrow.parquet as pq
+    table = pq.read_table(path)
+    pq.write_table(table.replace_schema_metadata(
+        {"huggingface": '{"info": {"features": {"image": {"_type": "Nonsense"}}}}'}), path)
+    assert f"cannot read shard {path}: " in refused(forged)
 
     no_val = copy(shards, tmp_path / "noval")
     for f in (no_val / "data").glob("validation-*"):
