@@ -2082,7 +2082,8 @@ def clear_run_dir(run: Run) -> None:
         except (OSError, ValueError, TypeError, AttributeError):
             old = {"unreadable": True}
     other = [f for f in RUN_FILES if (run_dir / f).exists()]
-    same = old and all(old.get(k) == run.identity[k] for k in run.identity)
+    same = old and "unreadable" not in old and all(  # an older train.py's: fewer keys
+        old.get(k, v) == v for k, v in run.identity.items())
     finished = "results.json" in other or "model.safetensors" in other
     if other and not run.cfg.overwrite and (finished or not same or checkpoints(run_dir)):
         already_holds(run_dir, f"another run ({', '.join(other)})")

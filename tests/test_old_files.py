@@ -137,3 +137,16 @@ def test_init_from_the_old_run_loads_every_tensor(tmp_path, capsys, fixture):
                     "--output_dir", tmp_path / "warm") == 0
     assert f"start: {n} of {n} tensors from {finished}" in capsys.readouterr().out
     assert results(tmp_path / "warm")["steps"] == 22
+
+
+def test_an_old_run_killed_before_its_first_checkpoint_starts_again(tmp_path, capsys, fixture):
+    """The stopped run as if killed before any checkpoint (config.json and metrics.jsonl of
+    the older train.py, whose run identity has fewer keys): the same command starts it again
+    instead of calling it another run."""
+    run = tmp_path / "run"
+    shutil.copytree(fixture / "interrupted", run)
+    shutil.rmtree(run / "checkpoints")
+    assert (run / "config.json").exists() and not list(run.glob("*.safetensors"))
+    assert run_main(*INTERRUPTED, "--epochs", 1, "--output_dir", run) == 0
+    assert "already holds" not in capsys.readouterr().err
+    assert results(run)["steps"] == 22
