@@ -116,6 +116,8 @@ class Config:
                           "as training goes (nothing listed or decoded up front)")
     shuffle_window: int = opt(1024, "--streaming: examples shuffled together (held per worker)")
     classes: str | None = opt(None, "--streaming: a file of class names, one per line")
+    skip_bad_examples: bool = opt(False, "--streaming: an unreadable training example is "
+                                  "replaced by the next of its shard, with a note")
     max_image_pixels: int = opt(2 * 89_478_485, "larger images are refused (PIL's bomb guard)")
     num_workers: int = opt(-1, "loader worker processes; -1 = from the CPU count, 0 = none")
     crop_padding: int = opt(-1, "small recipe: random-crop padding in pixels; -1 = size // 8")
@@ -1435,9 +1437,10 @@ def shown_size(im) -> tuple[int, int]:
     return im.size if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else im.size[::-1]
 
 
-def probe_images(split, image_col: str) -> tuple[list[tuple[int, int]], int]:
+def probe_images(split, image_col: str, skip: bool = False) -> tuple[list[tuple[int, int]], int]:
     """Displayed (height, width) of up to PROBE_IMAGES images spread over the split, from
-    their headers (nothing is decoded), and how many of them are colour."""
+    their headers (nothing is decoded), and how many of them are colour; `skip`: unreadable
+    ones are noted, not refused (--skip_bad_examples)."""
     n = len(split)
     rows = sorted({round(i * (n - 1) / max(1, PROBE_IMAGES - 1)) for i in range(PROBE_IMAGES)}
                   if n > PROBE_IMAGES else range(n))
@@ -1452,7 +1455,11 @@ def probe_images(split, image_col: str) -> tuple[list[tuple[int, int]], int]:
                 sizes.append(shown_size(im))
                 colour += im.mode in COLOUR_MODES
         except READ_ERRORS as e:
-            raise unreadable(image, f"row {i}", e) from None
+            if not skip:
+                raise unreadable(image, f"row {i}", e) from None
+            print(f"note: skipped: {unreadable(image, f'row {i}', e)} (--skip_bad_examples)")
+    if not sizes:
+        raise Exit(f"none of the {len(rows)} images sampled can be read")
     return sizes, colour
 
 
@@ -1597,8 +1604,9 @@ def make_loader(run: Run, source: Source, meta: dict, mode: str, batch_size: int
     """A prepared loader of (uint8 images, labels) on the device, from memory, from the
     decoded cache or streamed; `sampler`: the training order (None: evaluation)."""
     acc, workers, train = run.accelerator, worker_count(run.cfg), sampler is not None
-    dataset = Decoded(source.split, source.image_col, source.label_col, pil_mode(meta),
-                      *stored(meta, train))
+    kind = SkipBad if train and run.cfg.skip_bad_examples else Decoded
+    dataset = kind(source.split, source.image_col, source.label_col, pil_mode(meta),
+                   *stored(meta, train))
     opts = dict(num_workers=workers, persistent_workers=workers > 0,
                 pin_memory=acc.device.type == "cuda", worker_init_fn=init_worker)
     if mode == "cache":
@@ -1662,7 +1670,8 @@ def build_data(run: Run) -> Data:
     cfg, acc = run.asked, run.accelerator
     with acc.main_process_first():  # Hub / imagefolder caches are written once
         s = stream_splits(cfg, run.hub) if cfg.streaming else load_splits(cfg, run.hub)
-    sizes, colour = probe_images(s.source_train, s.image_col)  # the same for every --seed
+    sizes, colour = probe_images(s.source_train, s.image_col,  # the same for every --seed
+                                 cfg.skip_bad_examples)
     resolved, meta, note = preprocessing(cfg, s, sizes, colour)
     batch, batch_note = batch_size(cfg, len(s.train), acc.num_processes, "lr" in run.given)
     counts = (f"data: {len(s.train)} training and {len(s.val)} validation images, "
@@ -2332,7 +2341,7 @@ RULES = [  # (broken, message): flags that cannot go together, in the order they
     (lambda c, given: c.streaming and c.data_mode in ("memory", "cache"), "--streaming reads "
      "the shards as it trains: drop --data_mode {c.data_mode}"),
     *[(lambda c, given, flag=flag: flag in given and not c.streaming, f"--{flag} goes with "
-       "--streaming") for flag in ("shuffle_window", "classes")],
+       "--streaming") for flag in ("shuffle_window", "classes", "skip_bad_examples")],
     (lambda c, given: c.channels == 1 and c.model != "cnn",
      "--channels 1: torchvision models (--model {c.model}) take RGB input"),
 ]
@@ -2864,6 +2873,21 @@ class StreamSampler:
             for j in torch.randperm(hi - lo, generator=gen)[p - lo:].tolist():
                 yield locate(starts, order, self.first + lo + j)
             p = hi
+
+
+class SkipBad(Decoded):
+    """--skip_bad_examples: a training example that cannot be read (its image, its label) is
+    replaced by the next one of its shard that can, and named in a note line, so that the
+    batches, and a resumed run, stay the same."""
+
+    def __getitem__(self, i: tuple[int, int]):
+        shard, row = i
+        for k in range(self.split.counts[shard]):
+            try:
+                return super().__getitem__((shard, (row + k) % self.split.counts[shard]))
+            except Exit as e:
+                print(f"note: skipped: {e} (--skip_bad_examples)", file=sys.stderr, flush=True)
+        raise Exit(f"shard {self.split.paths[shard]}: none of its examples can be read")
 
 
 class Streamed:

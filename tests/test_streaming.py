@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import os
 import signal
 import tarfile
@@ -330,3 +331,29 @@ def test_parquet_of_file_paths_reads_the_files(tmp_path, image_folder, capsys):
     assert res["val_count"] == 30 and res["val_acc"] > 0.8
     first = (tmp_path / "run" / "top_losses.csv").read_text().splitlines()[1]
     assert first.startswith(str(image_folder / "validation" / "digit"))
+
+
+def test_skip_bad_examples_replaces_them_and_names_them(tmp_path, shards):
+    """--skip_bad_examples: unreadable training images (one probed up front, 40 met by a loader
+    worker) are named in note lines and replaced by the next readable row of their shard; the
+    run finishes. Without the flag the same data stop it (exit 2)."""
+    data = copy(shards, tmp_path / "bad")
+    first = data / "data" / "train-00000-of-00005.parquet"
+    rewrite(first, lambda t: {"image": [
+        {"bytes": b"\x89PNG garbage" if i == 3 else im["bytes"], "path": None}
+        for i, im in enumerate(t["image"].to_pylist())], "id": t["id"], "label": t["label"]})
+    late = data / "data" / "train-00004-of-00005.parquet"
+    rewrite(late, lambda t: {"image": [
+        {"bytes": b"\x89PNG garbage" if i < 40 else im["bytes"], "path": None}
+        for i, im in enumerate(t["image"].to_pylist())], "id": t["id"], "label": t["label"]})
+    args = ["--streaming", "--dataset", data, "--epochs", 2, "--num_workers", 1]
+    proc = run_cli(*args, "--skip_bad_examples", "--output_dir", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    noted = proc.stdout + proc.stderr
+    assert f"note: skipped: cannot read image {first} row 3" in noted
+    late_rows = {int(r) for r in re.findall(rf"skipped: cannot read image {late} row (\d+)", noted)}
+    assert late_rows and late_rows <= set(range(40))
+    res = results(tmp_path / "run")
+    assert res["steps"] == 2 * 22 and res["val_acc"] > 0.6
+    stopped = run_cli(*args, "--output_dir", tmp_path / "strict")
+    assert stopped.returncode == 2 and f"cannot read image {first} row 3" in stopped.stderr
