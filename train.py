@@ -2815,7 +2815,7 @@ def stream_splits(cfg: Config, hub: str | None) -> Splits:
 def shard_files(cfg: Config, hub: str | None) -> tuple[dict, set]:
     """Each split's shards, as datasets resolves a folder's or Hub repository's data files; a
     glob keeps those of its folder that it matches (e.g. 'shards/*/part-*.tar')."""
-    local = Path(cfg.dataset).expanduser()
+    local = Path(cfg.dataset).expanduser().absolute()  # datasets lists absolute paths
     glob = str(local) if set("*?[") & set(cfg.dataset) else None
     if glob:  # the folder above the first wildcard
         local = Path(*itertools.takewhile(lambda p: not set("*?[") & set(p), local.parts))

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import train
-from conftest import assert_same_weights, events, results, run_cli, run_main
+from conftest import ROOT, assert_same_weights, events, results, run_cli, run_main
 from test_checkpoints import kill9, start, wait_for_step
 
 TRAIN_SHARDS = (310, 290, 260, 300, 277)  # 1,437 rows in uneven shards
@@ -313,6 +313,14 @@ def test_a_glob_takes_the_shards_it_matches(tmp_path, shards, capsys):
     assert "streaming: 3 training and 2 validation parquet shards" in out
     assert "data: 860 training and 360 validation images" in out
     assert results(tmp_path / "run")["steps"] == 860 // 64
+    # relative, as a user types it in the folder above
+    os.chdir(shards)
+    try:
+        assert run_main("--streaming", "--dataset", "./data/*-0000[0-2]-of-*.parquet",
+                        "--epochs", 1, "--output_dir", tmp_path / "relative") == 0
+    finally:
+        os.chdir(ROOT)
+    assert "data: 860 training and 360 validation images" in capsys.readouterr().out
     assert run_main("--streaming", "--dataset", shards / "data" / "*.tar", "--output_dir",
                     tmp_path / "none") == 2
     assert "holds no data files" in capsys.readouterr().err
