@@ -532,6 +532,7 @@ def write_results(run: Run, startup: float, resume: Path | None) -> None:
                "peak_rss_mb": rss, "peak_device_mb": dev, "num_processes": acc.num_processes,
                "best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch,
                "skipped_steps": state.skipped_steps, "most_confused": confused,
+               "skipped_examples": state.skipped_examples,
                "data_mode": cfg.data_mode, "resumed_from": str(resume) if resume else None}
     if acc.is_main_process:
         write_json(run.dir / "results.json", results)
@@ -757,7 +758,7 @@ def precise_bn(run: Run, model) -> None:
         size = data.meta["image_size"]  # the photo recipe stores more: take the eval view
         torch.optim.swa_utils.update_bn(
             (to_input(TF.center_crop(images.to(acc.device), size), norm, cfg.channels_last)
-             for images, _ in loader), net)
+             for images, *_ in loader), net)
         stats = torch.cat([t for m in norms for t in (m.running_mean, m.running_var)])
         stats = acc.reduce(stats, "mean")  # every process evaluates the same model
         for m in norms:
@@ -1813,6 +1814,7 @@ class LoopState:
     best_val_acc: float = -1.0
     best_epoch: int = 0         # the epoch whose weights model_best.safetensors holds
     skipped_steps: int = 0      # steps dropped by --nan_policy skip
+    skipped_examples: int = 0   # streamed examples replaced (--skip_bad_examples)
     train_time_s: float = 0.0   # summed over resumes
     epoch_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss*n, correct, n
     last_metrics: dict = field(default_factory=dict)  # the last finished epoch's metrics
@@ -1930,6 +1932,9 @@ def save_checkpoint(run: Run) -> Path:
     """Crash-safe: every process writes into a temporary directory, the main process records
     the manifest last, renames the directory into place, and only then prunes old ones."""
     acc, state, root = run.accelerator, run.state, run.dir / "checkpoints"
+    if isinstance(run.data.train, Streamed):  # the examples replaced in the batches trained
+        count = acc.reduce(torch.tensor([run.data.train.skipped], device=acc.device))
+        state.skipped_examples, run.data.train.skipped = state.skipped_examples + int(count), 0
     final, tmp = root / f"step_{state.step:08d}", root / f".tmp_step_{state.step:08d}"
     if final.exists() and checkpoint_ok(final)[0]:
         return final  # e.g. stopped again right after resuming from it
@@ -2884,7 +2889,8 @@ class SkipBad(Decoded):
         shard, row = i
         for k in range(self.split.counts[shard]):
             try:
-                return super().__getitem__((shard, (row + k) % self.split.counts[shard]))
+                return (*super().__getitem__((shard, (row + k) % self.split.counts[shard])),
+                        k > 0)  # counted by Streamed
             except Exit as e:
                 print(f"note: skipped: {e} (--skip_bad_examples)", file=sys.stderr, flush=True)
         raise Exit(f"shard {self.split.paths[shard]}: none of its examples can be read")
@@ -2895,7 +2901,7 @@ class Streamed:
     sharding), moved to the device; an epoch starts at a given batch."""
 
     def __init__(self, loader, device):
-        self.loader, self.device, self.dataset = loader, device, loader.dataset
+        self.loader, self.device, self.dataset, self.skipped = loader, device, loader.dataset, 0
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -2905,7 +2911,8 @@ class Streamed:
         return self
 
     def __iter__(self):
-        for images, labels in self.loader:
+        for images, labels, *replaced in self.loader:  # replaced: SkipBad's
+            self.skipped += int(replaced[0].sum()) if replaced else 0
             yield images.to(self.device, non_blocking=True), labels.to(self.device)
 
 

@@ -341,11 +341,10 @@ def test_parquet_of_file_paths_reads_the_files(tmp_path, image_folder, capsys):
     assert first.startswith(str(image_folder / "validation" / "digit"))
 
 
-def test_skip_bad_examples_replaces_them_and_names_them(tmp_path, shards):
-    """--skip_bad_examples: unreadable training images (one probed up front, 40 met by a loader
-    worker) are named in note lines and replaced by the next readable row of their shard; the
-    run finishes. Without the flag the same data stop it (exit 2)."""
-    data = copy(shards, tmp_path / "bad")
+def bad_copy(shards: Path, to: Path) -> tuple[Path, Path, Path]:
+    """Shards with one unreadable image among those probed up front (train-00000 row 3) and 40
+    that only a loader worker meets (train-00004 rows 0-39)."""
+    data = copy(shards, to)
     first = data / "data" / "train-00000-of-00005.parquet"
     rewrite(first, lambda t: {"image": [
         {"bytes": b"\x89PNG garbage" if i == 3 else im["bytes"], "path": None}
@@ -354,6 +353,22 @@ def test_skip_bad_examples_replaces_them_and_names_them(tmp_path, shards):
     rewrite(late, lambda t: {"image": [
         {"bytes": b"\x89PNG garbage" if i < 40 else im["bytes"], "path": None}
         for i, im in enumerate(t["image"].to_pylist())], "id": t["id"], "label": t["label"]})
+    return data, first, late
+
+
+def expected_skips(data: Path, epochs: int) -> int:
+    """The bad rows' occurrences in the epochs' plans: what --skip_bad_examples replaces."""
+    cfg = train.Config(dataset=str(data), streaming=True)
+    sampler = train.StreamSampler(train.stream_splits(cfg, None).train, 64, 0, 1, cfg)
+    bad = {(0, 3)} | {(4, r) for r in range(40)}
+    return sum(i in bad for epoch in range(epochs) for i in sampler.plan(epoch, 0))
+
+
+def test_skip_bad_examples_replaces_them_and_names_them(tmp_path, shards):
+    """--skip_bad_examples: unreadable training images (one probed up front, 40 met by a loader
+    worker) are named in note lines and replaced by the next readable row of their shard; the
+    run finishes. Without the flag the same data stop it (exit 2)."""
+    data, first, late = bad_copy(shards, tmp_path / "bad")
     args = ["--streaming", "--dataset", data, "--epochs", 2, "--num_workers", 1]
     proc = run_cli(*args, "--skip_bad_examples", "--output_dir", tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -363,5 +378,27 @@ def test_skip_bad_examples_replaces_them_and_names_them(tmp_path, shards):
     assert late_rows and late_rows <= set(range(40))
     res = results(tmp_path / "run")
     assert res["steps"] == 2 * 22 and res["val_acc"] > 0.6
+    # counted once per trained occurrence: epoch 0's and 1's plans hold these rows
+    assert expected_skips(data, 2) > 40 and res["skipped_examples"] == expected_skips(data, 2)
     stopped = run_cli(*args, "--output_dir", tmp_path / "strict")
     assert stopped.returncode == 2 and f"cannot read image {first} row 3" in stopped.stderr
+
+
+@pytest.mark.slow
+def test_skip_bad_examples_count_and_weights_survive_kill9(tmp_path, shards):
+    """Killed with -9 mid-epoch and resumed: the same replacements, the same count (pending
+    ones are counted at each checkpoint, the batches after it trained and counted again), the
+    same weights as a run left alone."""
+    data, _, _ = bad_copy(shards, tmp_path / "bad")
+    args = ["--streaming", "--dataset", data, "--epochs", 2, "--num_workers", 1,
+            "--skip_bad_examples", "--checkpoint_every", 5, "--log_every", 1]
+    whole = run_cli(*args, "--output_dir", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    proc = start([*args, "--output_dir", tmp_path / "run"])
+    wait_for_step(proc, 31)
+    kill9(proc)
+    again = run_cli(*args, "--output_dir", tmp_path / "run")
+    assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-3000:]
+    assert_same_weights(tmp_path / "run", tmp_path / "whole")
+    assert results(tmp_path / "run")["skipped_examples"] == results(tmp_path / "whole")[
+        "skipped_examples"] == expected_skips(data, 2)
