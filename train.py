@@ -2684,18 +2684,19 @@ class Shards:
         except (OSError, ValueError) as e:  # pyarrow's errors are these
             raise Exit(f"cannot read shard {self.paths[shard]}, row group {g}: "
                        f"{first_line(e)}; replace or remove it") from None
-        images = table.column(self.columns[0]).combine_chunks()
+        images, labels = (table.column(c).combine_chunks() for c in self.columns)
         if hasattr(images.type, "get_field_index"):  # datasets' Image: {bytes, path}
-            images = [b or p for b, p in zip(images.field("bytes").to_pylist(),
-                                            images.field("path").to_pylist())]
-        return images if isinstance(images, list) else images.to_pylist(), table.column(
-            self.columns[1]).to_pylist()
+            return [b or p for b, p in zip(images.field("bytes").to_pylist(),
+                                           images.field("path").to_pylist())], labels.to_pylist()
+        return images.to_pylist(), labels.to_pylist()
 
     def tar_row(self, shard: int, row: int) -> tuple[bytes, int]:
         members = self.kept((shard, "tar"), lambda: tar_members(self.paths[shard], False)[0])[row]
+        ext = self.columns[0] if self.columns[0] in members else next(  # .jpg beside .png
+            e for e in TAR_IMAGES if e in members)
         with fsspec_open(self.paths[shard]) as f:
-            f.seek(members[self.columns[0]][0])
-            image = f.read(members[self.columns[0]][1])
+            f.seek(members[ext][0])
+            image = f.read(members[ext][1])
             f.seek(members["cls"][0])
             return image, int(f.read(members["cls"][1]))
 
@@ -2750,12 +2751,12 @@ def open_shards(paths: list[str]) -> Shards:
         try:
             if path.endswith(".tar"):
                 samples, most = tar_members(path)
-                found, top = sorted(samples[0]) if samples else [], max(top, most)
+                image = next((e for e in TAR_IMAGES if samples and e in samples[0]), "jpg")
+                found, top = ["an image", "cls"], max(top, most)  # .jpg, .png, ... may vary
                 counts.append(len(samples))
                 groups.append([0, len(samples)])
-                features = datasets.Features({e: datasets.Image() if e in TAR_IMAGES else
-                                              datasets.Value("int64" if e == "cls" else "binary")
-                                              for e in found})
+                features = datasets.Features({image: datasets.Image(), "cls": datasets.Value(
+                    "int64")})
             else:
                 with fsspec_open(path) as f:
                     info = pq.ParquetFile(f).metadata

@@ -402,3 +402,22 @@ def test_skip_bad_examples_count_and_weights_survive_kill9(tmp_path, shards):
     assert_same_weights(tmp_path / "run", tmp_path / "whole")
     assert results(tmp_path / "run")["skipped_examples"] == results(tmp_path / "whole")[
         "skipped_examples"] == expected_skips(data, 2)
+
+
+def test_tar_shards_may_mix_image_formats(tmp_path):
+    """WebDataset shards whose samples are .png and .jpg, and whose first samples differ."""
+    data = tar_shards(tmp_path / "wds")
+    images, labels = digits()
+    with tarfile.open(data / "train" / "train-0001.tar", "w") as tar:  # rows 310-599
+        for i in range(310, 600):
+            buf = io.BytesIO()
+            PIL.Image.open(io.BytesIO(images[i])).save(buf, "JPEG", quality=95)
+            ext, blob = ("jpg", buf.getvalue()) if i % 2 == 0 else ("png", images[i])
+            for name, payload in ((ext, blob), ("cls", str(labels[i]).encode())):
+                info = tarfile.TarInfo(f"sample{i:05d}.{name}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    proc = run_cli("--streaming", "--dataset", data, "--epochs", 2, "--num_workers", 1,
+                   "--output_dir", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert results(tmp_path / "run")["steps"] == 2 * 22
