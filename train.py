@@ -48,37 +48,9 @@ import time  # noqa: E402 (the imports follow the handlers)
 
 T_START = time.perf_counter()  # the process's start, for its printed whole-process time
 
-import argparse
-import bisect
-import contextlib
-import csv
-import dataclasses
-import datetime
-import difflib
-import errno
-import fnmatch
-import fcntl
-import functools
-import hashlib
-import inspect
-import io
-import itertools
-import json
-import math
-import multiprocessing
-import os
-import random
-import re
-import resource
-import shutil
-import socket
-import stat
-import tarfile
-import sys
-import threading
-import traceback
-import types
-import urllib.parse
+import argparse, bisect, contextlib, csv, dataclasses, datetime, difflib, errno, fcntl, fnmatch
+import functools, hashlib, inspect, io, itertools, json, math, multiprocessing, os, random, re
+import resource, shutil, socket, stat, sys, tarfile, threading, traceback, types, urllib.parse
 import weakref
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -95,7 +67,6 @@ TOP_LOSSES = 50           # validation images listed in top_losses.csv
 
 def opt(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
-
 
 @dataclass
 class Config:
@@ -213,7 +184,6 @@ def main(argv: list[str] | None = None) -> int:
         if made and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".lock"}:
             shutil.rmtree(run_dir)  # a default run directory that nothing was written to
 
-
 @dataclass
 class Run:
     """What a run holds, passed as one. `cfg` is the one resolved configuration: the flags as
@@ -238,7 +208,6 @@ class Run:
 
     def __post_init__(self):
         self.cfg = self.cfg or self.asked
-
 
 def train(run: Run) -> None:
     """The explicit loop, to the end of the last epoch (or Exit 75 after a stop's checkpoint)."""
@@ -301,20 +270,10 @@ def train(run: Run) -> None:
             sums.zero_()
             after_step(run, bar, clock, total, stopping=stops > 0)
 
-
-def keep_frozen(run: Run) -> None:
-    """--freeze_backbone: frozen means its BatchNorm statistics too (eval mode, as timm's
-    freeze does); the head, the last linear layer, holds none."""
-    for m in run.model.modules() if run.cfg.freeze_backbone else ():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-
-
 def non_finite(state: LoopState) -> Exit:
     return Exit(f"the loss is not finite at optimizer step {state.step + 1} (epoch "
                 f"{state.epoch + 1}). The newest checkpoint is kept. Lower --lr, set "
                 "--max_grad_norm, or pass --nan_policy skip", EXIT_FAILED)
-
 
 def after_step(run: Run, bar, clock: dict, total: int, stopping: bool) -> None:
     """Log, end the epoch, checkpoint, evaluate: what follows an optimizer step. The epoch's
@@ -332,96 +291,69 @@ def after_step(run: Run, bar, clock: dict, total: int, stopping: bool) -> None:
         return
     # train time excludes evaluation and saving, and survives resumes
     state.train_time_s += time.perf_counter() - clock["train"]
-    if end_of_epoch:
+    if end_of_epoch:  # the epoch's training metrics, and the loop state moves to the next
         bar.close()
-        end_epoch(run, clock["epoch"])
+        epoch_time = time.perf_counter() - clock["epoch"]
+        loss_sum, correct, count = state.epoch_sums
+        count = count or math.nan  # every step of the epoch skipped (--nan_policy skip)
+        rate, processes = count / epoch_time, run.accelerator.num_processes
+        state.last_metrics = {"train_loss": loss_sum / count, "train_acc": correct / count,
+                              "epoch_time_s": round(epoch_time, 3), "images_per_s": round(rate, 1),
+                              "images_per_s_per_process": round(rate / processes, 1)}
+        state.epoch, state.batch, state.epoch_sums = state.epoch + 1, 0, [0.0] * 3
     path = save_checkpoint(run)
-    if state.evaluated < state.epoch:
-        evaluate_epoch(run)
+    evaluate_epoch(run)
     clock["train"] = time.perf_counter()
     if stopping:
-        print0(run.accelerator, f"stopped by {run.stop.signal or 'a signal to another process'} "
-                                f"at step {state.step}: saved {path}; exit {EXIT_PREEMPTED}, the "
-                                "same command resumes")
-        raise Exit("", EXIT_PREEMPTED)
+        raise preempted(run, f"at step {state.step}: saved {path}")
 
+def preempted(run: Run, when: str) -> Exit:
+    print0(run.accelerator, f"stopped by {run.stop.signal or 'a signal to another process'} "
+                            f"{when}; exit {EXIT_PREEMPTED}, the same command resumes")
+    return Exit("", EXIT_PREEMPTED)
 
 def log_train(run: Run, bar, clock: dict, total: int) -> None:
-    """A train event: metrics.jsonl, the trackers and the progress bar; a plain line (no
-    terminal) every --log_every steps."""
+    """A train event: metrics.jsonl, the trackers, the progress bar or, with no terminal, a line."""
     state, acc = run.state, run.accelerator
     loss_sum, correct, count = state.epoch_sums
+    loss, accuracy = loss_sum / count, correct / count
     per_step = run.cfg.batch_size * run.cfg.gradient_accumulation_steps * acc.num_processes
     rate = per_step * clock["log_steps"] / (time.perf_counter() - clock["log"])
     clock["log"], clock["log_steps"] = time.perf_counter(), 0
     lr = run.optimizer.param_groups[0]["lr"]
-    run.log("train", state.step, state.epoch + 1, loss=loss_sum / count, acc=correct / count,
-            lr=lr, images_per_s=round(rate, 1))
-    if interactive(acc):
-        bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.2%}")
+    run.log("train", state.step, state.epoch + 1, loss=loss, acc=accuracy, lr=lr,
+            images_per_s=round(rate, 1))
+    if acc.is_main_process and sys.stderr.isatty():
+        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.2%}")
     elif state.step % run.cfg.log_every == 0:
-        print0(acc, f"epoch {state.epoch + 1} step {state.step}/{total}  loss "
-                    f"{loss_sum / count:.4f} acc {correct / count:.2%}  lr {lr:.4g}  "
-                    f"{rate:.0f} img/s")
-
-
-def interactive(accelerator) -> bool:
-    return accelerator.is_main_process and sys.stderr.isatty()
-
+        print0(acc, f"epoch {state.epoch + 1} step {state.step}/{total}  loss {loss:.4f} acc "
+                    f"{accuracy:.2%}  lr {lr:.4g}  {rate:.0f} img/s")
 
 def epoch_batches(run: Run):
-    """The rest of this epoch's batches (all of them, or after the resumed batch index), with a
-    progress bar on a terminal, and the epoch's clocks; --freeze_backbone's BatchNorm layers
-    go back to eval mode after model.train()."""
-    loader, state = run.data.train, run.state
-    keep_frozen(run)
+    """The rest of this epoch's batches, with a progress bar on a terminal, and its clocks."""
+    loader, state, acc = run.data.train, run.state, run.accelerator
+    # --freeze_backbone: its BatchNorm statistics frozen too (eval mode, as timm's freeze does)
+    for m in run.model.modules() if run.cfg.freeze_backbone else ():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
     run.data.sampler.set_epoch(state.epoch)
     if isinstance(loader, Streamed):
         epoch_loader = loader.from_batch(state.batch)
     else:
-        epoch_loader = run.accelerator.skip_first_batches(loader, state.batch) if state.batch \
-            else loader
+        epoch_loader = acc.skip_first_batches(loader, state.batch) if state.batch else loader
         # A prepared loader sets its sampler's epoch from its own pass counter, which starts
         # at 0 in a resumed process (and in the loader skip_first_batches makes): set both.
         epoch_loader.set_epoch(state.epoch)
-    clock = {"epoch": time.perf_counter(), "log": time.perf_counter(),
-             "train": time.perf_counter(), "log_steps": 0}
+    clock = dict.fromkeys(("epoch", "log", "train"), time.perf_counter()) | {"log_steps": 0}
     return tqdm(epoch_loader, total=len(loader), initial=state.batch,
-                disable=not interactive(run.accelerator),
+                disable=not (acc.is_main_process and sys.stderr.isatty()),
                 desc=f"epoch {state.epoch + 1}/{run.cfg.epochs}", leave=False), clock
 
-
-def stop_at_start(run: Run) -> None:
-    """Before the first step, from which on a stop signal only sets the flag: agree on one that
-    came during start-up on any process, and finish the evaluation that a resumed epoch-end
-    checkpoint still owes."""
-    run.stop.training()
-    flag = torch.tensor([float(run.stop.signal is not None)], device=run.accelerator.device)
-    if run.accelerator.reduce(flag).item():
-        print0(run.accelerator, f"stopped by {run.stop.signal or 'a signal to another process'} "
-                                "before training started: nothing new to save; exit "
-                                f"{EXIT_PREEMPTED}, the same command resumes")
-        raise Exit("", EXIT_PREEMPTED)
-    if run.state.evaluated < run.state.epoch:  # e.g. it failed on a corrupt validation image
-        evaluate_epoch(run)
-
-
-def end_epoch(run: Run, t_epoch: float) -> None:
-    """Close the epoch's training metrics and move the loop state to the next epoch."""
-    state, epoch_time = run.state, time.perf_counter() - t_epoch
-    loss_sum, correct, count = state.epoch_sums
-    count = count or math.nan  # every step of the epoch skipped (--nan_policy skip)
-    rate = count / epoch_time
-    state.last_metrics = {"train_loss": loss_sum / count, "train_acc": correct / count,
-                          "epoch_time_s": round(epoch_time, 3), "images_per_s": round(rate, 1),
-                          "images_per_s_per_process": round(
-                              rate / run.accelerator.num_processes, 1)}
-    state.epoch, state.batch, state.epoch_sums = state.epoch + 1, 0, [0.0] * 3
-
-
 def evaluate_epoch(run: Run) -> None:
-    """Evaluate the epoch just finished (after its checkpoint) and report it."""
+    """The evaluation of the epoch just finished, if it is still owed (after its checkpoint)."""
     state, acc, data = run.state, run.accelerator, run.data
+    if state.evaluated >= state.epoch:
+        return
     precise_bn(run, run.model)
     metrics = {**state.last_metrics, **evaluate(acc, run.model, data.val, data.meta,
                                                  run.cfg.channels_last)}
@@ -429,10 +361,7 @@ def evaluate_epoch(run: Run) -> None:
     if run.ema is not None:  # its BatchNorm statistics recomputed for its weights as well
         precise_bn(run, run.ema.module)
         averaged = evaluate(acc, run.ema.module, data.val, data.meta, run.cfg.channels_last)
-        averaged.pop("val_top_losses")
         metrics.update(val_acc_ema=averaged["val_acc"], val_loss_ema=averaged["val_loss"])
-    run.model.train()
-    keep_frozen(run)
     metrics["peak_rss_mb"], metrics["peak_device_mb"] = peak_memory_mb(acc)
     state.evaluated, state.last_metrics = state.epoch, metrics
     if metrics["val_acc"] > state.best_val_acc:  # the model's, not the EMA's
@@ -443,13 +372,11 @@ def evaluate_epoch(run: Run) -> None:
     run.log("eval", state.step, state.epoch, **{k: v for k, v in metrics.items()  # scalars
                                                   if isinstance(v, (int, float))})
     rate = metrics["images_per_s"]
+    ema = f"ema acc {metrics['val_acc_ema']:.2%}  " if run.ema is not None else ""
     print0(acc, f"epoch {state.epoch}/{run.cfg.epochs}  train loss {metrics['train_loss']:.4f} "
-                f"acc {metrics['train_acc']:.2%}  val loss {metrics['val_loss']:.4f} "
-                f"acc {metrics['val_acc']:.2%}  "
-                + (f"ema acc {metrics['val_acc_ema']:.2%}  " if run.ema is not None else "")
-                + f"{metrics['epoch_time_s']:.2f}s  {rate:.0f} img/s "
+                f"acc {metrics['train_acc']:.2%}  val loss {metrics['val_loss']:.4f} acc "
+                f"{metrics['val_acc']:.2%}  {ema}{metrics['epoch_time_s']:.2f}s  {rate:.0f} img/s "
                 f"({rate / acc.num_processes:.0f}/process)  peak {metrics['peak_rss_mb']:.0f} MB")
-
 
 def training(run: Run) -> None:
     """A training run from its data to its results: set up (or resumed), trained, saved."""
@@ -462,7 +389,7 @@ def training(run: Run) -> None:
             start = starting_state(cfg)
     run.data = build_data(run)  # resolves run.cfg
     resume, lock = prepare_run_dir(run)
-    try:
+    with lock or contextlib.nullcontext():  # the open lock file, closed at the end
         accelerate.utils.set_seed(cfg.seed)
         model = build_model(run.data.meta, run.cfg.batch_size)
         if start is not None:
@@ -480,18 +407,19 @@ def training(run: Run) -> None:
                               config=tracker_config(run.cfg))
         startup = time.perf_counter() - run.t_start  # imports, data, model, resume
         try:
-            stop_at_start(run)
+            # From here on a stop signal only sets the flag: agree on one from start-up on any
+            # process; then the evaluation that a resumed epoch-end checkpoint may still owe.
+            run.stop.training()
+            flag = torch.tensor([float(run.stop.signal is not None)], device=acc.device)
+            if acc.reduce(flag).item():
+                raise preempted(run, "before training started: nothing new to save")
+            evaluate_epoch(run)  # e.g. it failed on a corrupt validation image
             train(run)
             write_results(run, startup, resume)
         finally:
             acc.end_training()  # trackers closed, process group destroyed
-    finally:
-        if lock is not None:
-            lock.close()
-
 
 def load_checkpoint(run: Run, resume: Path) -> None:
-    """The loop state, Accelerate's state and the EMA of a checkpoint that verified."""
     state = loop_state(run.saved["loop"], resume)
     check_loop_state(state, len(run.data.train), run.cfg.gradient_accumulation_steps, resume)
     try:
@@ -506,10 +434,8 @@ def load_checkpoint(run: Run, resume: Path) -> None:
                             f"{state.batch}, step {state.step})")
     note_changes(run)
 
-
 def write_results(run: Run, startup: float, resume: Path | None) -> None:
-    """The weights, the pictures, top_losses.csv, then results.json (a finished run's mark),
-    with the whole-process time measured last."""
+    """The weights, the pictures, top_losses.csv, then results.json (a finished run's mark)."""
     acc, state, cfg = run.accelerator, run.state, run.cfg
     confused = mistakes(run, run.worst, state.last_metrics.get("val_confusion_matrix"),
                         run.data.val_split, run.data.meta["class_names"])
@@ -522,13 +448,12 @@ def write_results(run: Run, startup: float, resume: Path | None) -> None:
             shutil.rmtree(old)  # finished: the newest is what resuming a longer run needs
     rss, dev = peak_memory_mb(acc)
     images = cfg.epochs * len(run.data.train) * cfg.batch_size * acc.num_processes
-    wall_time = time.perf_counter() - run.t_start
+    rate = images / state.train_time_s
+    wall_time = time.perf_counter() - run.t_start  # the whole process's, measured last
     results = {**state.last_metrics, "steps": state.step, "epochs": cfg.epochs,
                "wall_time_s": round(wall_time, 3), "startup_s": round(startup, 3),
-               "train_time_s": round(state.train_time_s, 3),
-               "images_per_s": round(images / state.train_time_s, 1),
-               "images_per_s_per_process": round(
-                   images / state.train_time_s / acc.num_processes, 1),
+               "train_time_s": round(state.train_time_s, 3), "images_per_s": round(rate, 1),
+               "images_per_s_per_process": round(rate / acc.num_processes, 1),
                "peak_rss_mb": rss, "peak_device_mb": dev, "num_processes": acc.num_processes,
                "best_val_acc": state.best_val_acc, "best_epoch": state.best_epoch,
                "skipped_steps": state.skipped_steps, "most_confused": confused,
@@ -540,34 +465,30 @@ def write_results(run: Run, startup: float, resume: Path | None) -> None:
                 f"{state.best_epoch}: model_best.safetensors), {state.step} steps, "
                 f"{wall_time:.1f}s (whole process, imports included); wrote {run.dir}")
 
-
 def draw_pictures(run: Run) -> None:
-    """curves.png (loss and accuracy per epoch, from metrics.jsonl) and confusion.png (the last
-    evaluation's, with class names), drawn by matplotlib; to tensorboard as figures too."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
+    """curves.png (per epoch, from metrics.jsonl) and confusion.png (the last evaluation's), also
+    to tensorboard. Figures without pyplot: no backend (display) to choose."""
+    from matplotlib.figure import Figure
     evals = [e for e in map(json.loads, run.log.path.read_text().splitlines())
              if e["event"] == "eval"]
-    curves, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
-    for ax, name in zip(axes, ("loss", "acc")):
+    curves = Figure(figsize=(10, 4), layout="constrained")
+    for ax, name, title in zip(curves.subplots(1, 2), ("loss", "acc"), ("loss", "accuracy")):
         for split, label in (("train", "train"), ("val", "validation")):
             ax.plot([e["epoch"] for e in evals], [e[f"{split}_{name}"] for e in evals], "o-",
                     label=label)
-        ax.set(xlabel="epoch", title="loss" if name == "loss" else "accuracy")
+        ax.set(xlabel="epoch", title=title)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend()
     pictures = {"curves": curves}
-    matrix, names = run.state.last_metrics.get("val_confusion_matrix"), run.data.meta[
-        "class_names"]
+    matrix, names = run.state.last_metrics.get("val_confusion_matrix"), run.data.meta["class_names"]
     if matrix:
         side = min(20, 3 + len(names) * 0.35)
-        pictures["confusion"], ax = plt.subplots(figsize=(side, side), layout="constrained")
+        pictures["confusion"] = Figure(figsize=(side, side), layout="constrained")
+        ax = pictures["confusion"].subplots()
         ax.imshow(matrix, cmap="Blues")
-        ax.set(xticks=range(len(names)), yticks=range(len(names)), xlabel="predicted",
-               ylabel="true class", title="validation confusion matrix")
-        ax.set_xticklabels(names, rotation=90)
-        ax.set_yticklabels(names)
+        ax.set_xticks(range(len(names)), names, rotation=90)
+        ax.set_yticks(range(len(names)), names)
+        ax.set(xlabel="predicted", ylabel="true class", title="validation confusion matrix")
         for (i, j), n in np.ndenumerate(np.array(matrix)) if len(names) <= 20 else ():
             ax.text(j, i, n, ha="center", va="center", fontsize=8,
                     color="white" if n > np.max(matrix) / 2 else "black")
@@ -577,8 +498,6 @@ def draw_pictures(run: Run) -> None:
         if run.cfg.report_to in ("tensorboard", "all"):
             run.accelerator.get_tracker("tensorboard", unwrap=True).add_figure(
                 name, figure, run.state.step)
-        plt.close(figure)
-
 
 def evaluate_only(run: Run) -> None:
     """--eval_only: the weights on the split they were validated on, or on other data."""
@@ -595,8 +514,6 @@ def evaluate_only(run: Run) -> None:
     results = {**metrics, "weights": str(cfg.weights), "evaluated": what,
                "num_processes": acc.num_processes,
                "wall_time_s": round(time.perf_counter() - run.t_start, 3)}
-    if acc.is_main_process:
-        run.dir.mkdir(parents=True, exist_ok=True)
     run.cfg = dataclasses.replace(cfg, image_column=image_col)
     results["most_confused"] = mistakes(run, worst, metrics.get("val_confusion_matrix"), split,
                                         meta["class_names"])
@@ -606,10 +523,9 @@ def evaluate_only(run: Run) -> None:
                 f"acc {metrics['val_acc']:.2%}; wrote {run.dir / 'results.json'}")
     acc.end_training()
 
-
 def predict(run: Run) -> None:
-    """predictions.csv: each image under --predict once (the processes take every n-th file),
-    decoded and normalized as the weights' run did, with its top classes and probabilities."""
+    """predictions.csv: each image under --predict (the processes take every n-th file) decoded
+    and normalized as the weights' run did, with its top classes and probabilities."""
     acc, cfg = run.accelerator, run.asked
     model, meta = trained_model(cfg)
     root = Path(cfg.predict).expanduser()
@@ -623,12 +539,9 @@ def predict(run: Run) -> None:
         raise Exit(f"--predict {cfg.predict}: no image files there")
     refuse_to_replace(run.dir / "predictions.csv", cfg)
     mine = files[acc.process_index::acc.num_processes]
-    split = datasets.Dataset.from_dict({"image": [str(f) for f in mine], "label": [0] * len(mine)},
-                                       features=datasets.Features({
-                                           "image": datasets.Image(decode=False),
-                                           "label": datasets.Value("int64")}))
+    images = [{"image": {"path": str(f)}, "label": 0} for f in mine]  # rows as Decoded reads
     loader = torch.utils.data.DataLoader(
-        Decoded(split, "image", "label", pil_mode(meta), *stored(meta, train=False)),
+        Decoded(images, "image", "label", pil_mode(meta), *stored(meta, train=False)),
         batch_size=eval_batch(meta, cfg.batch_size), num_workers=worker_count(cfg),
         worker_init_fn=init_worker)
     k, rows = min(5, meta["num_classes"]), []
@@ -641,102 +554,82 @@ def predict(run: Run) -> None:
     rows = accelerate.utils.gather_object(rows)
     if acc.is_main_process:
         run.dir.mkdir(parents=True, exist_ok=True)
-        with open(run.dir / "predictions.csv", "w", newline="") as f:
-            out = csv.writer(f)
-            out.writerow(["file"] + [f"{w}_{i}" for i in range(1, k + 1)
-                                     for w in ("label", "probability")])
-            out.writerows([[spreadsheet_safe(v) for v in row] for row in sorted(rows)])
+        write_csv(run.dir / "predictions.csv", ["file"] + [
+            f"{w}_{i}" for i in range(1, k + 1) for w in ("label", "probability")], sorted(rows))
     print0(acc, f"predicted {len(rows)} image{'s' * (len(rows) != 1)}; wrote "
                 f"{run.dir / 'predictions.csv'}")
     acc.end_training()
 
-
-def spreadsheet_safe(cell: str) -> str:
-    """A file or class name a spreadsheet would run as a formula gets a leading quote."""
-    return "'" + cell if cell.startswith(("=", "+", "-", "@", "\t", "\r")) else cell
+def write_csv(path: Path, header: list[str], rows: list) -> None:
+    """A cell (a file or class name) that a spreadsheet would run as a formula gets a quote."""
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(header)
+        out.writerows([["'" + cell if cell.startswith(("=", "+", "-", "@", "\t", "\r")) else cell
+                        for cell in row] for row in rows])
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 def inferred(model, loader, meta: dict, device, channels_last: bool):
-    """(float logits, labels) per batch of uint8 images, in eval mode without gradients: the one
-    inference path of evaluation and --predict."""
+    """(float logits, labels) per batch, in eval mode: evaluation's and --predict's one path."""
     model.eval()
     norm = normalizer(meta, device)
     for images, labels in loader:
         with torch.no_grad():
             yield model(to_input(images.to(device), norm, channels_last)).float(), labels
 
-
 def evaluate(accelerator, model, loader, meta: dict, channels_last: bool) -> dict:
-    """Exact over processes: per-sample values gathered on every batch (which drops the
-    padding duplicates of the last batches), summed, divided by the true count. Loss,
-    accuracy, top-5 accuracy (more than 5 classes), per-class accuracy and the confusion
-    matrix (rows: true class, columns: predicted; up to 100 classes)."""
-    k, device = meta["num_classes"], accelerator.device
-    totals = torch.zeros(4, dtype=torch.float64, device=device)
-    per_class = torch.zeros(2, k, dtype=torch.int64, device=device)  # seen, hit
-    confusion = torch.zeros(k * k if k <= 100 else 0, dtype=torch.int64, device=device)
-    every = []  # per image, in the split's order (the processes' batches interleave back)
-    for logits, labels in inferred(model, loader, meta, device, channels_last):
+    """Exact over processes: per-image values gathered (no padding duplicates), the loss summed
+    per batch, counts over all. Top-5 accuracy above 5 classes; confusion up to 100 (rows: true)."""
+    k, rows = meta["num_classes"], []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for logits, labels in inferred(model, loader, meta, accelerator.device, channels_last):
         losses = F.cross_entropy(logits, labels, reduction="none")
         top5 = (logits.topk(min(5, k), 1).indices == labels[:, None]).any(1)
         prob, preds = logits.softmax(1).max(1)
-        losses, preds, labels, top5, prob = accelerator.gather_for_metrics(
-            (losses, preds, labels, top5, prob))
-        every.append(torch.stack([losses.double(), labels.double(), preds.double(),
-                                  prob.double()], 1))
-        totals += torch.stack([losses.double().sum(), (preds == labels).double().sum(),
-                               top5.double().sum(), torch.tensor(
-                                   losses.numel(), dtype=torch.float64, device=device)])
-        per_class += torch.stack([torch.bincount(labels, minlength=k),
-                                  torch.bincount(labels[preds == labels], minlength=k)])
-        if len(confusion):
-            confusion += torch.bincount(labels * k + preds, minlength=k * k)
-    loss_sum, correct, top5, count = totals.tolist()
-    seen, hit = per_class.tolist()
-    metrics = {"val_loss": loss_sum / count, "val_acc": correct / count, "val_count": int(count),
-               **({"val_top5_acc": top5 / count} if k > 5 else {}),
+        gathered = accelerator.gather_for_metrics((losses, labels, preds, prob, top5))
+        loss_sum += gathered[0].double().sum()
+        rows.append(torch.stack([t.double() for t in gathered], 1))
+    every = torch.cat(rows).cpu()  # per image, in the split's order: loss, label, pred, prob, top5
+    count, labels, preds = len(every), every[:, 1].long(), every[:, 2].long()
+    hit, top5 = labels[preds == labels], every[:, 4].sum().item()  # hit: right ones' labels
+    seen, hits = (torch.bincount(t, minlength=k).tolist() for t in (labels, hit))
+    metrics = {"val_loss": loss_sum.item() / count, "val_acc": len(hit) / count,
+               "val_count": count, **({"val_top5_acc": top5 / count} if k > 5 else {}),
                "val_per_class_acc": {name: h / n if n else None
-                                     for name, n, h in zip(meta["class_names"], seen, hit)}}
-    if len(confusion):
-        metrics["val_confusion_matrix"] = confusion.view(k, k).tolist()
-    every = torch.cat(every).cpu()
+                                     for name, n, h in zip(meta["class_names"], seen, hits)}}
+    if k <= 100:
+        metrics["val_confusion_matrix"] = torch.bincount(
+            labels * k + preds, minlength=k * k).view(k, k).tolist()
     order = torch.sort(every[:, 0], descending=True, stable=True).indices[:TOP_LOSSES]
     metrics["val_top_losses"] = [(i, int(every[i, 1]), int(every[i, 2]), float(every[i, 3]),
                                   float(every[i, 0])) for i in order.tolist()]
     return metrics
 
-
 def mistakes(run: Run, worst: list, matrix: list | None, split, names: list[str]) -> list:
-    """top_losses.csv: the validation images with the highest loss (`worst`, from evaluate:
-    their file, or row of `split`), their class, the predicted class and its probability.
-    Returns (and prints) the most confused class pairs of the confusion matrix."""
-    counts = np.array(matrix or [[0]])
-    np.fill_diagonal(counts, 0)
-    pairs = sorted((-int(n), i, j) for (i, j), n in np.ndenumerate(counts) if n)[:5]
-    print0(run.accelerator, "most confused: " + (", ".join(
-        f"{names[i]} as {names[j]} ({-n})" for n, i, j in pairs) or (
-        "none" if matrix else "not counted (over 100 classes)")) + "; the worst "
-        f"images: {run.dir / 'top_losses.csv'}")
+    """top_losses.csv from evaluate's `worst` (images of `split`); returns (and prints) the most
+    confused class pairs."""
+    pairs = sorted((-int(n), i, j) for (i, j), n in np.ndenumerate(matrix or [[0]])
+                   if n and i != j)[:5]
+    confused = ", ".join(f"{names[i]} as {names[j]} ({-n})" for n, i, j in pairs) or (
+        "none" if matrix else "not counted (over 100 classes)")
+    print0(run.accelerator, f"most confused: {confused}; the worst images: "
+                            f"{run.dir / 'top_losses.csv'}")
     if run.accelerator.is_main_process:
         column = run.cfg.image_column
         images = [split[i][column] for i, *_ in worst] if isinstance(split, Shards) else \
             split.select([i for i, *_ in worst]).select_columns([column])[column]
-        with open(run.dir / "top_losses.csv", "w", newline="") as f:
-            out = csv.writer(f)
-            out.writerow(["image", "label", "predicted", "probability", "loss"])
-            for (i, true, pred, prob, loss), image in zip(worst, images):
-                out.writerow([spreadsheet_safe(v) for v in (
-                    (image or {}).get("path") or f"row {i}", names[true], names[pred],
-                    f"{prob:.6f}", f"{loss:.6f}")])
+        rows = [[(image or {}).get("path") or f"row {i}", names[true], names[pred], f"{prob:.6f}",
+                 f"{loss:.6f}"] for (i, true, pred, prob, loss), image in zip(worst, images)]
+        run.dir.mkdir(parents=True, exist_ok=True)  # --eval_only's: made once it has results
+        write_csv(run.dir / "top_losses.csv",
+                  ["image", "label", "predicted", "probability", "loss"], rows)
     return [{"true": names[i], "predicted": names[j], "count": -n} for n, i, j in pairs]
 
-
 def precise_bn(run: Run, model) -> None:
-    """Recompute BatchNorm's running statistics for the current weights (torch's update_bn)
-    from up to --precise_bn training images, averaged over processes. The running averages
-    trail the weights: after 16 steps eval mode still predicted one class."""
+    """BatchNorm's statistics recomputed (torch's update_bn on --precise_bn training images, mean
+    over processes): the running ones trail the weights; after 16 steps eval predicted one class."""
     acc, cfg, data = run.accelerator, run.cfg, run.data
     net = acc.unwrap_model(model)
     norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -753,20 +646,14 @@ def precise_bn(run: Run, model) -> None:
         collate_fn=None if isinstance(dataset, Decoded) else as_is,
         num_workers=cfg.num_workers if isinstance(dataset, Decoded) else 0,
         worker_init_fn=init_worker, generator=torch.Generator().manual_seed(cfg.seed))
-    norm = normalizer(data.meta, acc.device)
-    with torch.no_grad():
-        size = data.meta["image_size"]  # the photo recipe stores more: take the eval view
-        torch.optim.swa_utils.update_bn(
-            (to_input(TF.center_crop(images.to(acc.device), size), norm, cfg.channels_last)
-             for images, *_ in loader), net)
-        stats = torch.cat([t for m in norms for t in (m.running_mean, m.running_var)])
-        stats = acc.reduce(stats, "mean")  # every process evaluates the same model
-        for m in norms:
-            n = m.num_features
-            m.running_mean.copy_(stats[:n])
-            m.running_var.copy_(stats[n:2 * n])
-            stats = stats[2 * n:]
-
+    norm, size = normalizer(data.meta, acc.device), data.meta["image_size"]
+    torch.optim.swa_utils.update_bn(  # the photo recipe stores more than size: the eval view
+        (to_input(TF.center_crop(images.to(acc.device), size), norm, cfg.channels_last)
+         for images, *_ in loader), net)
+    stats = [t for m in norms for t in (m.running_mean, m.running_var)]
+    means = acc.reduce(torch.cat(stats), "mean")  # every process evaluates the same model
+    for t, mean in zip(stats, means.split([t.numel() for t in stats])):
+        t.copy_(mean)
 
 def peak_memory_mb(accelerator) -> tuple[float, float]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -774,10 +661,8 @@ def peak_memory_mb(accelerator) -> tuple[float, float]:
     peaks = accelerator.reduce(torch.tensor([rss, dev], device=accelerator.device), "max")
     return tuple(round(v, 1) for v in peaks.tolist())
 
-
 def eval_batch(meta: dict, asked: int = 0) -> int:
-    """--eval_only / --predict batch: --batch_size, else 64 images, fewer where they are so
-    large (the weights' metadata says how large) that 64 would take gigabytes."""
+    """--eval_only / --predict: --batch_size, else 64 images, fewer where 64 take gigabytes."""
     h, w = meta["image_size"]
     return asked or max(1, min(64, EVAL_PIXELS // (h * w)))
 
@@ -787,7 +672,6 @@ def eval_batch(meta: dict, asked: int = 0) -> int:
 def conv_block(cin: int, cout: int) -> list:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
             nn.ReLU(inplace=True)]
-
 
 def cnn(channels: int, num_classes: int, image_size: int):
     """Conv-BN-ReLU blocks that double the width and halve the resolution down to 4 px, a last
@@ -800,7 +684,6 @@ def cnn(channels: int, num_classes: int, image_size: int):
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(min(2 * width, 256), num_classes))
 
-
 def check_model_name(name: str) -> None:
     known = torchvision.models.list_models(module=torchvision.models)
     if name != "cnn" and name not in known:
@@ -808,45 +691,38 @@ def check_model_name(name: str) -> None:
         raise Exit(f"--model {name}: not 'cnn' or a torchvision classifier"
                    + (f"; did you mean {', '.join(close)}?" if close else ""))
 
-
 def build_model(meta: dict, batch_size: int = 2, probe: bool = True):
     """The model the metadata describes; `probe`: refuse, in one line, an image size or a
     batch of 1 that it cannot take, before training starts."""
-    name = meta["model"]
+    name, classes = meta["model"], meta["num_classes"]
     if name == "cnn":
-        return cnn(meta["channels"], meta["num_classes"], min(meta["image_size"]))
+        return cnn(meta["channels"], classes, min(meta["image_size"]))
     check_model_name(name)
     # Auxiliary heads would make the training forward return a tuple instead of logits.
     extra = {"aux_logits": False} if name in ("googlenet", "inception_v3") else {}
-    model = torchvision.models.get_model(name, weights=None, num_classes=meta["num_classes"],
-                                         **extra)
+    model = torchvision.models.get_model(name, weights=None, num_classes=classes, **extra)
     if not probe:
         return model
     shape = f"{meta['channels']}x{meta['image_size'][0]}x{meta['image_size'][1]}"
-    try:  # e.g. inception_v3 needs 75 px or more
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, meta["channels"], *meta["image_size"]))
-    except (RuntimeError, ValueError, AssertionError) as e:
-        raise Exit(f"--model {name} cannot take {shape} images ({first_line(e)}); choose "
-                   "another --image_size") from None
-    if batch_size == 1:  # BatchNorm cannot normalize one value per channel
-        try:
-            with torch.no_grad():
-                torchvision.models.get_model(name, num_classes=meta["num_classes"], **extra
-                                             ).train()(torch.zeros(1, meta["channels"],
-                                                                   *meta["image_size"]))
-        except ValueError as e:
-            raise Exit(f"--batch_size 1 is too small for --model {name} at {shape} "
-                       f"({first_line(e)}); use --batch_size 2 or more") from None
+    zeros = torch.zeros(1, meta["channels"], *meta["image_size"])
+    with torch.no_grad():
+        try:  # e.g. inception_v3 needs 75 px or more
+            model.eval()(zeros)
+        except (RuntimeError, ValueError, AssertionError) as e:
+            raise Exit(f"--model {name} cannot take {shape} images ({first_line(e)}); choose "
+                       "another --image_size") from None
+        if batch_size == 1:  # BatchNorm cannot normalize one value per channel
+            try:  # on a second model: a training forward moves BatchNorm's running statistics
+                torchvision.models.get_model(name, num_classes=classes, **extra).train()(zeros)
+            except ValueError as e:
+                raise Exit(f"--batch_size 1 is too small for --model {name} at {shape} "
+                           f"({first_line(e)}); use --batch_size 2 or more") from None
     return model.train()
 
-
 def head_names(model) -> set[str]:
-    """The classifier head: the parameters of the last linear layer (resnet's fc, vit's
-    heads.head, efficientnet's classifier.1, the cnn's last layer)."""
+    """The classifier head: the last linear layer (resnet's fc, vit's heads.head, ...)."""
     last = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
     return {f"{last}.{p}" for p, _ in model.get_submodule(last).named_parameters()}
-
 
 def make_optimizer(cfg: Config, model):
     """Two parameter groups, backbone and head; each carries an `lr_scale` that the loop
@@ -864,7 +740,6 @@ def make_optimizer(cfg: Config, model):
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                            weight_decay=cfg.weight_decay)
 
-
 def lr_at(step: int, total: int, cfg: Config) -> float:
     """Learning rate of optimizer step `step` (0-based) out of `total`. Computed, not stepped:
     a scheduler passed through accelerate.prepare() steps once per process."""
@@ -878,7 +753,6 @@ def lr_at(step: int, total: int, cfg: Config) -> float:
         return cfg.lr * (1 - progress)
     return cfg.lr
 
-
 def make_ema(cfg: Config, model):
     """torch's AveragedModel with an EMA update, BatchNorm buffers averaged too; the same on
     every process (it averages the synchronized weights)."""
@@ -888,7 +762,6 @@ def make_ema(cfg: Config, model):
     return swa.AveragedModel(model, multi_avg_fn=swa.get_ema_multi_avg_fn(cfg.ema_decay),
                              use_buffers=True)
 
-
 def load_ema(ema, checkpoint: Path) -> None:
     if not (checkpoint / "ema.safetensors").exists():
         raise Exit(f"checkpoint {checkpoint} holds no EMA (it was written without "
@@ -896,16 +769,14 @@ def load_ema(ema, checkpoint: Path) -> None:
     state = safetensors.torch.load_file(str(checkpoint / "ema.safetensors"))
     ema.load_state_dict({k: v.to(ema.n_averaged.device) for k, v in state.items()})
 
-
 def pretrained_weights(cfg: Config):
     """torchvision's weights enum member for --model/--pretrained, or a one-line refusal."""
     enum = torchvision.models.get_model_weights(cfg.model)
     try:
-        return enum[cfg.pretrained] if cfg.pretrained != "DEFAULT" else enum.DEFAULT
-    except (KeyError, AttributeError):
+        return enum[cfg.pretrained]  # DEFAULT is an alias of one of them
+    except KeyError:
         raise Exit(f"--pretrained {cfg.pretrained}: --model {cfg.model} has weights "
                    f"{listing(w.name for w in enum)} (or DEFAULT)") from None
-
 
 def starting_state(cfg: Config) -> tuple[dict, str]:
     """The tensors to start from (--pretrained or --init_from) and where they came from."""
@@ -924,10 +795,8 @@ def starting_state(cfg: Config) -> tuple[dict, str]:
         raise Exit(f"--init_from {path}: not a run directory, model.safetensors or state dict "
                    f"({first_line(e)})") from None
 
-
 def load_start(cfg: Config, model, start: tuple[dict, str]) -> str:
-    """Load the tensors of --pretrained / --init_from that fit the model; a head of another
-    class count (or anything else that does not fit) keeps its fresh initialisation."""
+    """Load the tensors that fit the model; the rest (a head of another class count) stay new."""
     state, source = start
     own = model.state_dict()
     fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -940,7 +809,6 @@ def load_start(cfg: Config, model, start: tuple[dict, str]) -> str:
             + (f"; new: {listing(new, 4)}" if new else "")
             + ("; backbone frozen" if cfg.freeze_backbone else ""))
 
-
 def mixer(cfg: Config, num_classes: int):
     """torchvision's batch MixUp / CutMix (random draws from torch's RNG, which checkpoints
     keep), or None. They turn the labels into class probabilities for the cross-entropy."""
@@ -948,7 +816,6 @@ def mixer(cfg: Config, num_classes: int):
     mixes = [mix(alpha=alpha, num_classes=num_classes)
              for mix, alpha in ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix)) if alpha]
     return None if not mixes else mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
-
 
 @functools.cache
 def crop_indices(h: int, w: int, padding: int, device):
@@ -961,11 +828,9 @@ def crop_indices(h: int, w: int, padding: int, device):
     return ((rows + cols).flatten(), (rows + cols.flip(0)).flatten(),
             (shifts.view(-1, 1) * wide + shifts).flatten())
 
-
 def augment(images, padding: int, hflip: bool, gen):
-    """Random crop with zero padding and random horizontal flip, per image, on the device: both
-    are one gather from the padded batch. On a CPU every op counts (~30 us each next to a small
-    model's step), so the indices are cached and the random draws index them."""
+    """Random padded crop and horizontal flip per image as one gather: on a CPU each op costs
+    ~30 us next to a small model's step, so the indices are cached and the draws index them."""
     n, c, h, w = images.shape
     if not (padding or hflip):
         return images
@@ -979,14 +844,10 @@ def augment(images, padding: int, hflip: bool, gen):
     padded = F.pad(images, (padding,) * 4).flatten(2)
     return padded.gather(2, index.unsqueeze(1).expand(n, c, h * w)).view(n, c, h, w)
 
-
 def resized_crop(images, size: list[int], min_scale: float, hflip: bool, gen,
                  max_ratio: float = 4 / 3):
-    """The photo recipe's training crop: torchvision's RandomResizedCrop (area min_scale..1 of
-    the image, aspect ratio 1/max_ratio..max_ratio drawn log-uniformly; a box wider than the
-    image is clipped to it where torchvision draws again) and a horizontal flip, for the whole
-    batch on the device: one roi_align (bilinear, 2x2 samples per output pixel), each image
-    its own box. Returns float pixels, 0-255."""
+    """torchvision's RandomResizedCrop and a flip for the whole batch as one roi_align, a box per
+    image (one wider than the image is clipped, where torchvision draws again); float 0-255."""
     n, _, t, s = images.shape
     u = torch.rand(n, 5, generator=gen, device=images.device)
     area = (min_scale + (1 - min_scale) * u[:, 0]) * t * s
@@ -1000,7 +861,6 @@ def resized_crop(images, size: list[int], min_scale: float, hflip: bool, gen,
         out = torch.where((u[:, 4] < 0.5).view(n, 1, 1, 1), out.flip(3), out)
     return out
 
-
 def augment_batch(images, meta: dict, gen):
     """The training recipe's augmentation of a uint8 batch on the device (see --recipe)."""
     if meta["recipe"] == "photo":
@@ -1008,16 +868,13 @@ def augment_batch(images, meta: dict, gen):
                             meta["crop_ratio"])
     return augment(images, meta["crop_padding"], meta["hflip"], gen)
 
-
 def normalizer(meta: dict, device):
     """(scale, shift) with (x / 255 - mean) / std == x * scale - shift, made once per loop."""
     mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
     std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
     return 1 / (255 * std), mean / std
 
-
 def to_input(images, norm, channels_last: bool):
-    """uint8 images -> normalized float input."""
     x = images.float().mul_(norm[0]).sub_(norm[1])
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -1037,7 +894,6 @@ STRINGS = ("string", "large_string")
 LABEL_FILES = (".csv", ".tsv", ".jsonl", ".json")  # --dataset FILE: a row per image
 READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError)  # PIL's ways of saying "not an image"
 
-
 def digits_dataset():
     """scikit-learn's bundled 8x8 digits (1,797 images) as an Image/ClassLabel dataset."""
     from sklearn.datasets import load_digits
@@ -1049,13 +905,11 @@ def digits_dataset():
         {"image": [PIL.Image.fromarray(p) for p in pixels], "label": digits.target.tolist()},
         features=features)
 
-
 @functools.cache
 def image_extensions() -> frozenset[str]:
     """The file endings PIL can open (.jpg, .png, .tif, ...)."""
     return frozenset(e for e, fmt in PIL.Image.registered_extensions().items()
                      if fmt in PIL.Image.OPEN)
-
 
 def walk_images(root: Path) -> tuple[list[tuple], int, str] | None:
     """Every image under root as its path parts, the count of other files, and a digest of the
@@ -1078,39 +932,36 @@ def walk_images(root: Path) -> tuple[list[tuple], int, str] | None:
         raise Exit(f"--dataset {root}: no image files in it ({skipped} other files)")
     return found, skipped, files.hexdigest()
 
-
 def image_folder(root: Path):
-    """A folder of class subfolders (optionally inside train/, validation/, test/). An image's
-    class is its top-level folder however deep it lies, as in torchvision's ImageFolder;
-    datasets' imagefolder names it after the innermost folder, so cats/2019/a.jpg and
-    dogs/2019/b.jpg would both be class '2019'. None for a Hub download: datasets reads it."""
-    walked = walk_images(root)
-    if walked is None:
+    """Class subfolders, optionally in split folders (train/, val/, ...). The class is the top
+    folder, as in torchvision's ImageFolder (datasets' imagefolder takes the innermost one)."""
+    if (walked := walk_images(root)) is None:  # a Hub download: datasets reads it
         return None
     found, skipped, digest = walked
+    tops = {p[0] for p in found}
     # Split folders (train/, val/, ...) when any holds class folders. A top-level folder of
     # loose images (Kaggle's unlabelled test/) or one that is not a split is not training data.
     split_layout = any(len(p) > 2 and p[0].lower() in SPLIT_DIRS for p in found)
-    left_out = []
-    for top in sorted({p[0] for p in found if len(p) > 1} if split_layout else ()):
-        inside = [p for p in found if p[0] == top]
-        if all(len(p) == 2 for p in inside) or top.lower() not in SPLIT_DIRS:
-            left_out.append(f"skipped {top}/: {len(inside)} images " + (
-                "outside class folders (unlabelled: --predict is for them)"
-                if all(len(p) == 2 for p in inside) else "(not a split: train, val, test)"))
-            found = [p for p in found if p[0] != top]
-    named = sorted({p[0] for p in found if len(p) == 2 and p[0].lower() in SPLIT_DIRS})
+    named = sorted(top for top in tops if top.lower() in SPLIT_DIRS)  # folders: files have .ext
     if named and not split_layout:  # never classes named after splits
         raise Exit(f"{root / named[0]} holds images directly, but {named[0]} names a split: put "
                    f"them in class folders ({named[0]}/<class>/...), or pass --predict for them")
+    left_out = []
+    for top in sorted({p[0] for p in found if len(p) > 1} if split_layout else ()):
+        inside = [p for p in found if p[0] == top]
+        unlabelled = all(len(p) == 2 for p in inside)
+        if unlabelled or top.lower() not in SPLIT_DIRS:
+            left_out.append(f"skipped {top}/: {len(inside)} images " + (
+                "outside class folders (unlabelled: --predict is for them)" if unlabelled
+                else "(not a split: train, val, test)"))
+            found = [p for p in found if p[0] != top]
     loose = [Path(*p) for p in found if len(p) < (3 if split_layout else 2)]
     if loose:
         raise Exit(f"{len(loose)} image(s) in {root} outside any class folder (e.g. {loose[0]}); "
                    "put each image in a folder named after its class")
     if split_layout:  # a split folder without images would be silently replaced
         empty = [d.name for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLIT_DIRS
-                 and not any(p[0] == d.name for p in found)
-                 and not any(line.startswith(f"skipped {d.name}/") for line in left_out)]
+                 and d.name not in tops]
         if empty:
             raise Exit(f"{root / empty[0]} holds no images; add images to it or remove it")
     rows: dict[str, list] = {}
@@ -1137,7 +988,6 @@ def image_folder(root: Path):
         {"image": [p for p, _ in items], "label": [classes.index(c) for _, c in items]},
         features=features, info=datasets.DatasetInfo(description=about, features=features))
         for split, items in rows.items()}), note
-
 
 def load_source(cfg: Config, hub: str | None):
     """A Dataset or DatasetDict for --dataset and a line about it, or a one-line Exit."""
@@ -1177,16 +1027,13 @@ def load_source(cfg: Config, hub: str | None):
                                                        revision=cfg.revision,
                                                        local_files_only=True)
         except Exception:
-            folder = None
-        if folder is not None:
-            source, note = load_source(dataclasses.replace(cfg, dataset=folder), None)
-            return source, f"note: reading the Hub cache's copy {folder}\n{note}".strip()
-        why = ("the Hugging Face Hub cannot be reached from here" if hub == "unreachable" else
-               "HF_HUB_OFFLINE=1 is set, so nothing is downloaded (unset it to download)")
-        raise Exit(f"--dataset {cfg.dataset}: no local folder of that name, not in the local "
-                   f"Hub cache, and {why}; or save it where there is network "
-                   "(load_dataset(...).save_to_disk(DIR)) and pass --dataset DIR") from None
-
+            why = ("the Hugging Face Hub cannot be reached from here" if hub == "unreachable"
+                   else "HF_HUB_OFFLINE=1 is set, so nothing is downloaded (unset it to download)")
+            raise Exit(f"--dataset {cfg.dataset}: no local folder of that name, not in the local "
+                       f"Hub cache, and {why}; or save it where there is network "
+                       "(load_dataset(...).save_to_disk(DIR)) and pass --dataset DIR") from None
+        source, note = load_source(dataclasses.replace(cfg, dataset=folder), None)
+        return source, f"note: reading the Hub cache's copy {folder}\n{note}".strip()
 
 def load_error(e: Exception) -> str:
     """datasets' error, or what it means where it says it badly."""
@@ -1197,11 +1044,9 @@ def load_error(e: Exception) -> str:
                 f"{files}: an incomplete download? Download it again")
     return first_line(e)
 
-
 def label_file(path: Path, cfg: Config):
-    """--dataset FILE.csv / .jsonl: a row per image, with a column of image paths (relative to
-    the file; names or ids without a file ending are looked up among the images under the
-    file's folder, as Kaggle ships them) and a label column."""
+    """--dataset FILE.csv / .jsonl: a row per image with its label and its path relative to the
+    file, or a name or id (no file ending) of an image under its folder, as Kaggle ships them."""
     try:
         table = datasets.load_dataset("json" if "json" in path.suffix.lower() else "csv",
                                       data_files=str(path), split="train",
@@ -1223,18 +1068,15 @@ def label_file(path: Path, cfg: Config):
         raise Exit(f"--dataset {path}: no column of image paths among {listing(table.features)}; "
                    f"paths are read relative to {folder} (--image_column names the column)")
     if None in paths:
-        missing = values[paths.index(None)]
         raise Exit(f"--dataset {path}: {paths.count(None)} of {len(paths)} rows name no image "
-                   f"file (e.g. '{missing}' in column '{col}', under {folder})")
+                   f"file (e.g. '{values[paths.index(None)]}' in column '{col}', under {folder})")
     labels = [n for n in table.features if n != col]
-    label_col = cfg.label_column or ("label" if "label" in labels else labels[0] if len(
-        labels) == 1 else None)
+    label_col = cfg.label_column or (labels[0] if len(labels) == 1 else "label")
     if label_col not in labels:
         raise Exit(f"--dataset {path}: which column is the label? name it with --label_column "
                    f"(columns: {listing(labels)})")
     table = datasets.Dataset.from_dict({col: paths, label_col: table[label_col]})
     return table.cast_column(col, datasets.Image()).class_encode_column(label_col)
-
 
 def describe(feature) -> str:
     if isinstance(feature, datasets.ClassLabel):
@@ -1243,18 +1085,18 @@ def describe(feature) -> str:
         return "images"
     return getattr(feature, "dtype", type(feature).__name__) + " values"
 
-
 def find_columns(split, image_column: str | None, label_column: str | None
                  ) -> tuple[str, str, str]:
     """The image and label columns, and a line saying which were chosen among which."""
     features, image_note = split.features, ""
+    kinds = {n: getattr(f, "dtype", "") for n, f in features.items()}
     images = [n for n, f in features.items() if isinstance(f, datasets.Image)]
     labels = [n for n, f in features.items() if isinstance(f, datasets.ClassLabel)]
     for flag, wanted in (("--image_column", image_column), ("--label_column", label_column)):
         if wanted is not None and wanted not in features:
             raise Exit(f"{flag} {wanted}: no such column; the columns are {listing(features)}")
     if image_column is None:
-        if not images and getattr(features.get("image"), "dtype", "") in STRINGS:
+        if not images and kinds.get("image") in STRINGS:
             images = ["image"]  # file paths
         if not images:
             raise Exit(f"no Image column among {listing(features)}; name it with "
@@ -1263,31 +1105,27 @@ def find_columns(split, image_column: str | None, label_column: str | None
         if len(images) > 1:
             others = listing(n for n in images if n != image_column)
             image_note = f" (other image columns: {others}; --image_column picks one)"
-    elif not (image_column in images or getattr(features[image_column], "dtype", "") in (
-            *STRINGS, "binary", "large_binary")):  # paths or encoded bytes
+    elif not (image_column in images  # or paths, or encoded bytes
+              or kinds[image_column] in (*STRINGS, "binary", "large_binary")):
         raise Exit(f"--image_column {image_column} holds {describe(features[image_column])}, "
                    f"not images; image columns: {listing(images) or 'none'}")
     if label_column is None:
-        plain = "label" in features and getattr(features["label"], "dtype", "") != ""
-        if not labels and not plain:
+        if not labels and kinds.get("label", "") == "":
             raise Exit(f"no ClassLabel column among {listing(features)}; name it with "
                        "--label_column NAME")
         label_column = "label" if "label" in labels or not labels else labels[0]
-    feature = features[label_column]
-    kind = getattr(feature, "dtype", "")
+    feature, kind = features[label_column], kinds[label_column]
     if isinstance(feature, (datasets.Sequence, list)):
         raise Exit(f"--label_column {label_column} holds lists of labels (multi-label): not "
                    "supported; train.py trains one class per image")
     if not (isinstance(feature, datasets.ClassLabel) or kind.startswith(("int", "uint"))
-            or kind in ("string", "large_string")) or label_column == image_column:
+            or kind in STRINGS) or label_column == image_column:
         raise Exit(f"--label_column {label_column} holds {describe(feature)}, not class labels; "
                    f"label columns: {listing(labels) or 'none'}")
-    others = [n for n in labels if n != label_column]
     note = f'columns: image column "{image_column}"{image_note}, label column "{label_column}"'
-    if others:
+    if others := [n for n in labels if n != label_column]:
         note += f" (other label columns: {listing(others)}; --label_column picks one)"
     return image_column, label_column, note
-
 
 @dataclass
 class Splits:
@@ -1298,9 +1136,7 @@ class Splits:
     class_names: list[str]
     source_train: object     # the training data before a validation part was held out
     notes: list[str]
-    rows: tuple[list[int], list[int]] | None = None  # train's and val's rows in source_train,
-    #                                                  when val was held out of it
-
+    rows: tuple[list[int], list[int]] | None = None  # held out: train's, val's rows in source_train
 
 @dataclass
 class Source:
@@ -1310,39 +1146,31 @@ class Source:
     label_col: str
     part: tuple | None = None
 
-
 def part_of(s: Splits, meta: dict, train: bool) -> tuple | None:
-    """For the decoded cache: (the data a held-out split is part of, its rows there). Both
-    splits then read one cache of all the training data, reused for every --seed and
-    --val_fraction; the validation split only when it is stored as the training split is
-    (the photo recipe stores it smaller: it gets a cache of its own)."""
+    """For the decoded cache: (the data a held-out split is part of, its rows there), so that one
+    cache serves every --seed and --val_fraction; not for val stored smaller (photo recipe)."""
     if s.rows is None or not (train or stored(meta, True) == stored(meta, False)):
         return None
     return s.source_train, s.rows[0 if train else 1]
-
 
 def label_counts(labels, classes: int):
     if len(labels) and labels.min() < 0:
         raise Exit(f"{int((labels < 0).sum())} images have no label (-1); use labelled data")
     return np.bincount(labels, minlength=classes)
 
-
 def load_splits(cfg: Config, hub: str | None) -> Splits:
-    """Train and validation splits with an image column (undecoded) and a ClassLabel column
-    whose classes mean the same in both."""
+    """Train and validation splits, images undecoded, ClassLabels that mean the same in both."""
     source, folder_note = load_source(cfg, hub)
-    val, val_name, train_name = None, None, "train"
+    train, val, val_name, train_name = source, None, None, "train"
     if isinstance(source, datasets.DatasetDict):
         if not source:
             raise Exit(f"--dataset {cfg.dataset} has no splits")
         train_name = "train" if "train" in source else next(iter(source))
         val_name = next((s for s in VAL_SPLITS if s in source and s != train_name), None)
-        val, source = source[val_name] if val_name else None, source[train_name]
-    train = source
+        train, val = source[train_name], source.get(val_name)
     image_col, label_col, note = find_columns(train, cfg.image_column, cfg.label_column)
-    if val is not None and label_col in val.features and (
-            isinstance(val.features[label_col], datasets.ClassLabel)) and len(val) and (
-            labels_of(val, label_col) < 0).all():  # as many Hub datasets publish their test split
+    if val is not None and isinstance(val.features.get(label_col), datasets.ClassLabel) and (
+            len(val) and (labels_of(val, label_col) < 0).all()):  # as Hub test splits often are
         note += (f'\nnote: split "{val_name}" has no labels (all -1): not used for validation; '
                  f'--val_fraction {cfg.val_fraction} of "{train_name}" held out instead')
         val = None
@@ -1365,61 +1193,53 @@ def load_splits(cfg: Config, hub: str | None) -> Splits:
         train, val = train.select(rows[0]), train.select(rows[1])
     else:  # a class that only the validation data has cannot be learned: say so
         asked = label_counts(labels_of(val, label_col), classes.num_classes)
-        orphans = [f"'{classes.names[i]}' ({asked[i]} images)"
-                   for i in range(classes.num_classes) if asked[i] and not seen[i]]
-        if orphans:
+        if orphans := [f"'{classes.names[i]}' ({asked[i]} images)"
+                       for i in range(classes.num_classes) if asked[i] and not seen[i]]:
             raise Exit(f"validation class {listing(orphans)} has no training images; add "
                        "training images for it or remove it from the validation data")
     val = val.cast_column(image_col, datasets.Image(decode=False))
     return Splits(train, val, image_col, label_col, classes.names, source_train,
                   [folder_note, note], rows)
 
-
 def hold_out(labels, classes, fraction: float, seed: int) -> tuple[list, list]:
-    """The rows of datasets' stratified train_test_split(test_size=fraction, seed=seed), from
-    the same function, given the labels read in one batch (train_test_split reads them row by
-    row: 1.5 s for 50,000 images at every start). `classes`: the ClassLabel, for messages."""
-    n_val = math.ceil(fraction * len(labels))
-    why = f"cannot hold out --val_fraction {fraction} of {len(labels)} images"
-    counts = np.bincount(labels)
+    """The rows of datasets' stratified train_test_split(test_size=fraction, seed=seed), by its
+    own function, from labels read at once (it reads row by row: 1.5 s per 50,000 images)."""
+    n, counts = len(labels), np.bincount(labels)
+    why = f"cannot hold out --val_fraction {fraction} of {n} images"
     if counts[counts > 0].min() < 2:
         lonely = classes.int2str(int(np.flatnonzero(counts == 1)[0]))
         raise Exit(f"{why}: class '{lonely}' has 1 image, and every class needs 2 (one for "
                    "training, one for validation); add images or a validation split")
+    n_val = math.ceil(fraction * n)
     try:
         train, val = next(datasets.utils.stratify.stratified_shuffle_split_generate_indices(
-            labels, len(labels) - n_val, n_val, rng=np.random.default_rng(seed)))
+            labels, n - n_val, n_val, rng=np.random.default_rng(seed)))
     except ValueError as e:  # fewer images in one part than there are classes
-        k, n = int((counts > 0).sum()), len(labels)
+        k = int((counts > 0).sum())
         least = math.ceil(20 * k / n - 1e-9) / 20  # a validation image for every class
         fix = (f"--val_fraction {least:g} or more gives every class one" if n - least * n >= k
                else "add images or a validation split")
         raise Exit(f"{why}: {first_line(e)}; {fix}") from None
     return train.tolist(), val.tolist()
 
-
 def align_classes(split, label_col: str, names: list[str], whose: str):
     """Relabel `split` so that its class ids mean `names` (matched by name)."""
-    feature = split.features[label_col]
-    if not isinstance(feature, datasets.ClassLabel):
+    if not isinstance(split.features[label_col], datasets.ClassLabel):
         split = split.class_encode_column(label_col)
-        feature = split.features[label_col]
-    if feature.names == names:
+    if (have := split.features[label_col].names) == names:
         return split
-    unknown = [n for n in feature.names if n not in names]
-    if unknown:
+    if unknown := [n for n in have if n not in names]:
         raise Exit(f"classes {listing(unknown)} are not among {whose} ({listing(names)})")
     return split.align_labels_with_mapping({name: i for i, name in enumerate(names)}, label_col)
 
-
 def open_image(image: dict):
-    source = (lambda: io.BytesIO(image["bytes"])) if image.get("bytes") else lambda: image["path"]
+    source = io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"]
     try:
-        return PIL.Image.open(source())
+        return PIL.Image.open(source)
     except PIL.Image.DecompressionBombError:  # from the header's size: nothing was decoded
         limit, PIL.Image.MAX_IMAGE_PIXELS = PIL.Image.MAX_IMAGE_PIXELS, None
         try:
-            with PIL.Image.open(source()) as im:
+            with PIL.Image.open(source) as im:  # open() rewinds the stream
                 w, h = im.size
         finally:
             PIL.Image.MAX_IMAGE_PIXELS = limit
@@ -1427,28 +1247,21 @@ def open_image(image: dict):
                    f"--max_image_pixels {2 * limit} (PIL's guard against decompression bombs); "
                    f"if it is a real image, pass --max_image_pixels {w * h}") from None
 
-
 def unreadable(image: dict, where: str, error: BaseException) -> Exit:
     return Exit(f"cannot read image {image.get('path') or where}: {first_line(error)}. Replace "
                 "or remove the file")
-
 
 def shown_size(im) -> tuple[int, int]:
     """(height, width) as displayed: EXIF orientations 5-8 turn the stored image by 90."""
     return im.size if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else im.size[::-1]
 
-
 def probe_images(split, image_col: str, skip: bool = False) -> tuple[list[tuple[int, int]], int]:
-    """Displayed (height, width) of up to PROBE_IMAGES images spread over the split, from
-    their headers (nothing is decoded), and how many of them are colour; `skip`: unreadable
-    ones are noted, not refused (--skip_bad_examples)."""
-    n = len(split)
-    rows = sorted({round(i * (n - 1) / max(1, PROBE_IMAGES - 1)) for i in range(PROBE_IMAGES)}
-                  if n > PROBE_IMAGES else range(n))
-    if isinstance(split, Shards):  # streamed: the first shards' images
-        rows = range(min(n, PROBE_IMAGES))
-    images = [split[i][image_col] for i in rows] if isinstance(split, Shards) else split.select(
-        rows)[image_col][:]  # one batch, not row by row
+    """Displayed (height, width) of up to PROBE_IMAGES images, from their headers (nothing is
+    decoded), and how many of them are colour."""
+    n, shards = len(split), isinstance(split, Shards)  # streamed: the first shards' images
+    rows = list(range(min(n, PROBE_IMAGES))) if shards or n <= PROBE_IMAGES else [
+        round(i * (n - 1) / (PROBE_IMAGES - 1)) for i in range(PROBE_IMAGES)]  # spread evenly
+    images = [split[i][image_col] for i in rows] if shards else split.select(rows)[image_col][:]
     sizes, colour = [], 0
     for i, image in zip(rows, images):
         try:
@@ -1463,40 +1276,31 @@ def probe_images(split, image_col: str, skip: bool = False) -> tuple[list[tuple[
         raise Exit(f"none of the {len(rows)} images sampled can be read")
     return sizes, colour
 
-
 def image_properties(cfg: Config, model: str, sizes: list[tuple[int, int]], colour: int,
                      source: str = "") -> tuple[dict, str]:
-    """Channels, size and flipping as properties of the dataset, not of one image; `source`:
-    where cfg.image_size came from when not from --image_size."""
+    """Channels, size and flips of the dataset; `source`: where a cfg.image_size came from."""
     share = colour / len(sizes)
     channels = cfg.channels or (3 if model != "cnn" or share >= 0.5 else 1)
-    shorter = sorted(min(s) for s in sizes)
-    median = shorter[len(shorter) // 2]
-    fit = "shorter side resized, centre crop"
-    if cfg.image_size:
-        size = (cfg.image_size,) * 2
-        how = f"{cfg.image_size}x{cfg.image_size} ({source or '--image_size'}; {fit})"
-    elif len(set(sizes)) == 1 and median <= AUTO_SIZE_CAP:
+    median = sorted(min(s) for s in sizes)[len(sizes) // 2]  # of the shorter sides
+    if not cfg.image_size and len(set(sizes)) == 1 and median <= AUTO_SIZE_CAP:
         size, how = sizes[0], f"all {sizes[0][0]}x{sizes[0][1]}"
     else:
-        side = min(median, AUTO_SIZE_CAP)
-        size = (side, side)
-        heights, widths = [h for h, _ in sizes], [w for _, w in sizes]
-        how = (f"{side}x{side} (heights {min(heights)}-{max(heights)}, widths {min(widths)}-"
-               f"{max(widths)}, median shorter side {median}"
-               + (f", capped at {AUTO_SIZE_CAP}" if median > AUTO_SIZE_CAP else "") + f"; {fit})")
+        heights, widths = zip(*sizes)
+        why = (source or "--image_size") if cfg.image_size else (
+            f"heights {min(heights)}-{max(heights)}, widths {min(widths)}-{max(widths)}, median "
+            f"shorter side {median}"
+            + (f", capped at {AUTO_SIZE_CAP}" if median > AUTO_SIZE_CAP else ""))
+        side = cfg.image_size or min(median, AUTO_SIZE_CAP)
+        size, how = (side, side), f"{side}x{side} ({why}; shorter side resized, centre crop)"
     hflip = cfg.hflip == "yes" or (cfg.hflip == "auto" and share >= 0.5)
     note = (f"images: {channels} channel{'s' if channels > 1 else ''} ({share:.0%} of "
             f"{len(sizes)} sampled are colour), {how}, flips {'on' if hflip else 'off'}; "
             "--channels, --image_size, --hflip override")
     return {"channels": channels, "image_size": list(size), "hflip": hflip}, note
 
-
 def decode(image: dict, mode: str, size: tuple[int, int], where: str, cover: float = 1.0):
-    """One stored image (bytes or path) -> uint8 C x H x W tensor of the given mode and size:
-    EXIF orientation applied, 16-bit pixels scaled to 8 bits, scaled to cover `size` / `cover`
-    with its aspect ratio kept, then the centre cropped (the torchvision convention; never
-    stretched). cover < 1 is the photo recipe's evaluation: resize to 256, crop 224."""
+    """A stored image -> uint8 C x H x W tensor: EXIF-turned, 16-bit scaled to 8, resized to cover
+    `size` / `cover` keeping its aspect, centre-cropped (torchvision's way; never stretched)."""
     h, w = size
     try:
         with open_image(image) as im:
@@ -1520,23 +1324,19 @@ def decode(image: dict, mode: str, size: tuple[int, int], where: str, cover: flo
         pixels = TF.center_crop(pixels, [h, w])
     return pixels
 
-
 def eight_bits(a):
-    """Wide pixels -> uint8, as torchvision's to_dtype scales: floats from 0..1 (or 0..255 or,
-    beyond that, the image's own range); integers from 16 bits, or from as many bits as the
-    image's largest value needs (32-bit "I" images)."""
+    """Wide pixels -> uint8 as torchvision's to_dtype scales: floats from 0..1, 0..255 or their
+    own range; integers from 16 bits or the bits the largest value needs (32-bit "I")."""
     if a.dtype.kind == "f":
         a = np.nan_to_num(a.astype(np.float64))
-        lo, hi = (0, 1) if a.min() >= 0 and a.max() <= 1 else (0, 255) if a.min() >= 0 \
-            and a.max() <= 255 else (a.min(), max(a.max(), a.min() + 1e-12))
+        lo, hi = a.min(), a.max()
+        lo, hi = (0, 1 if hi <= 1 else 255) if lo >= 0 and hi <= 255 else (lo, max(hi, lo + 1e-12))
         return np.round((a - lo) * (255 / (hi - lo))).astype(np.uint8)
     a = a.astype(np.int64).clip(0)
     return (a >> (max(16, int(a.max()).bit_length()) - 8)).astype(np.uint8)
 
-
 def pil_mode(meta: dict) -> str:
     return "L" if meta["channels"] == 1 else "RGB"
-
 
 class Decoded:
     """Rows of a split as (uint8 image, label); the decoding runs in loader workers."""
@@ -1554,11 +1354,8 @@ class Decoded:
         image = decode(row[self.image_col], self.mode, self.size, f"row {i}", self.cover)
         return image, row[self.label_col]
 
-
 class InMemory:
-    """Memory mode: a whole decoded split as uint8 N x C x H x W images and labels on the
-    device. The loader fetches a batch with one indexing op (`__getitems__`): no per-sample
-    work and nothing to collate."""
+    """Memory mode: a decoded split on the device; `__getitems__` takes a batch in one op."""
 
     def __init__(self, images, labels):
         self.images, self.labels = images, labels
@@ -1570,44 +1367,33 @@ class InMemory:
         index = torch.tensor(indices, device=self.labels.device)
         return self.images[index], self.labels[index]
 
-
 def as_is(batch):  # collate_fn for InMemory and OnDisk: their batches come whole
     return batch
 
-
 def stored(meta: dict, train: bool) -> tuple[tuple[int, int], float]:
-    """The size images are decoded to and the `cover` of decode(). Photo recipe: training
-    images keep all of the (centre-squared) image at size / crop_fraction for the random
-    resized crops; evaluation images are the centre crop of that."""
+    """The size images are decoded to and decode()'s `cover`. Photo recipe: training images at
+    size / crop_fraction for the random resized crops; evaluation ones the centre crop of that."""
     h, w = meta["image_size"]
     if meta.get("recipe") != "photo":
         return (h, w), 1.0
-    if train:
-        return (round(h / meta["crop_fraction"]), round(w / meta["crop_fraction"])), 1.0
-    return (h, w), meta["crop_fraction"]
-
+    fraction = meta["crop_fraction"]
+    return ((round(h / fraction), round(w / fraction)), 1.0) if train else ((h, w), fraction)
 
 def decoded_gb(split, meta: dict, train: bool) -> float:
     (h, w), _ = stored(meta, train)
     return len(split) * meta["channels"] * h * w / 1e9
 
-
 def worker_count(cfg: Config) -> int:
-    cpus = cpu_count()
     if cfg.num_workers >= 0:
-        return min(cfg.num_workers, cpus)
-    per_process = cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(0, min(8, per_process - 1))
-
+        return min(cfg.num_workers, cpu_count())
+    return max(0, min(8, cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
 def make_loader(run: Run, source: Source, meta: dict, mode: str, batch_size: int,
                 sampler: EpochSampler | None):
-    """A prepared loader of (uint8 images, labels) on the device, from memory, from the
-    decoded cache or streamed; `sampler`: the training order (None: evaluation)."""
+    """A prepared loader of (uint8 images, labels) on the device; no `sampler`: evaluation."""
     acc, workers, train = run.accelerator, worker_count(run.cfg), sampler is not None
-    kind = SkipBad if train and run.cfg.skip_bad_examples else Decoded
-    dataset = kind(source.split, source.image_col, source.label_col, pil_mode(meta),
-                   *stored(meta, train))
+    dataset = (SkipBad if train and run.cfg.skip_bad_examples else Decoded)(
+        source.split, source.image_col, source.label_col, pil_mode(meta), *stored(meta, train))
     opts = dict(num_workers=workers, persistent_workers=workers > 0,
                 pin_memory=acc.device.type == "cuda", worker_init_fn=init_worker)
     if mode == "cache":
@@ -1615,45 +1401,40 @@ def make_loader(run: Run, source: Source, meta: dict, mode: str, batch_size: int
         opts["collate_fn"] = as_is
     elif mode == "memory":
         # Decoded once through the same per-sample path; workers only pay off when large.
-        whole = torch.utils.data.DataLoader(dataset, batch_size=512,
-                                            num_workers=workers if len(dataset) > 5000 else 0,
-                                            worker_init_fn=init_worker)
-        parts = [batch for batch in whole]
-        dataset = InMemory(torch.cat([p[0] for p in parts]).to(acc.device),
-                           torch.cat([p[1] for p in parts]).to(acc.device))
+        images, labels = zip(*torch.utils.data.DataLoader(
+            dataset, batch_size=512, num_workers=workers if len(dataset) > 5000 else 0,
+            worker_init_fn=init_worker))
+        dataset = InMemory(torch.cat(images).to(acc.device), torch.cat(labels).to(acc.device))
         opts = dict(collate_fn=as_is)
     # Loader iterators draw their base seed from `generator`; a private one keeps the global
     # RNG (dropout) independent of how many loaders were started, so resumes stay bit-exact.
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                          drop_last=train, **opts,
                                          generator=torch.Generator().manual_seed(run.cfg.seed))
-    return Streamed(loader, acc.device) if isinstance(sampler, StreamSampler) else acc.prepare(
-        loader)  # --streaming: each process reads its own part
-
+    if isinstance(sampler, StreamSampler):  # --streaming: each process reads its own part
+        return Streamed(loader, acc.device)
+    return acc.prepare(loader)
 
 def pick_mode(run: Run, splits: list[tuple], meta: dict, image_col: str, label_col: str) -> str:
-    """--data_mode auto: memory if the decoded splits (`splits`: (split, train, part_of))
-    fit the budget, else the cache if it is built or the disk has room for it, else stream."""
+    """--data_mode auto: memory if the decoded `splits` ((split, train, part_of)) fit the budget,
+    else the cache if it is built or fits on the disk, else stream."""
     cfg = run.cfg
     if cfg.data_mode != "auto":
         return cfg.data_mode
     gb = sum(decoded_gb(split, meta, train) for split, train, _ in splits)
-    why = f"{gb:.3f} GB decoded, --memory_budget_gb {cfg.memory_budget_gb}"
-    mode = "memory"
+    mode, why = "memory", f"{gb:.3f} GB decoded, --memory_budget_gb {cfg.memory_budget_gb}"
     if gb > cfg.memory_budget_gb:
         root = cache_root(cfg)
         folders = {cache_folder(root, part[0] if part else split, image_col, label_col, meta,
                                 train): decoded_gb(part[0] if part else split, meta, train)
                    for split, train, part in splits}  # both splits may share one
         need = 1e9 * sum(gb for f, gb in folders.items() if not (f / "cache.json").exists())
-        existing = next(p for p in [root, *root.parents] if p.exists())
-        free = shutil.disk_usage(existing).free
+        free = shutil.disk_usage(next(p for p in [root, *root.parents] if p.exists())).free
         mode = "cache" if with_slack(need) <= free else "stream"
         why += (f"; cache {root}: {size_text(need)} to build, {size_text(free)} free"
                 if need else f"; cache {root}: built")
     print0(run.accelerator, f"data: {mode} mode ({why})")
     return mode
-
 
 @dataclass
 class Data:
@@ -1664,10 +1445,8 @@ class Data:
     counts: tuple[int, int]     # training and validation images
     val_split: object = None    # the validation split (datasets), for top_losses.csv
 
-
 def build_data(run: Run) -> Data:
-    """The training run's data: splits, what the automatic settings become (run.cfg, resolved
-    here once), and the loaders."""
+    """The run's splits, loaders and resolved settings (run.cfg: the automatic ones resolved)."""
     cfg, acc = run.asked, run.accelerator
     with acc.main_process_first():  # Hub / imagefolder caches are written once
         s = stream_splits(cfg, run.hub) if cfg.streaming else load_splits(cfg, run.hub)
@@ -1678,15 +1457,12 @@ def build_data(run: Run) -> Data:
     counts = (f"data: {len(s.train)} training and {len(s.val)} validation images, "
               f"{len(s.class_names)} classes ({listing(s.class_names)})"
               + (f"; validation held out (--val_fraction {cfg.val_fraction})" if s.rows else ""))
-    for line in [*s.notes, counts, note, batch_note]:
-        if line:
-            print0(acc, line)
+    for line in filter(None, [*s.notes, counts, note, batch_note]):
+        print0(acc, line)
     parts = part_of(s, meta, True), part_of(s, meta, False)
     mode = "stream" if cfg.streaming else pick_mode(
-        run, [(s.train, True, parts[0]), (s.val, False, parts[1])], meta, s.image_col,
-        s.label_col)
-    workers = worker_count(cfg)
-    if cfg.num_workers > workers:
+        run, [(s.train, True, parts[0]), (s.val, False, parts[1])], meta, s.image_col, s.label_col)
+    if cfg.num_workers > (workers := worker_count(cfg)):
         print0(acc, f"note: --num_workers {cfg.num_workers} capped at {workers} (CPU cores)")
     run.cfg = dataclasses.replace(  # the one resolved configuration
         cfg, **resolved, batch_size=batch, data_mode=mode, num_workers=workers,
@@ -1699,15 +1475,14 @@ def build_data(run: Run) -> Data:
                         batch, sampler)
     val = make_loader(run, Source(s.val, s.image_col, s.label_col, parts[1]), meta, mode, batch,
                       None)
-    meta["data"] = {k: getattr(run.cfg, k) for k in ("dataset", "dataset_config", "revision",
-                                                     "image_column", "label_column",
-                                                     "val_fraction", "seed")}
+    meta["data"] = {k: getattr(run.cfg, k) for k in (
+        "dataset", "dataset_config", "revision", "image_column", "label_column", "val_fraction",
+        "seed")}
     return Data(train, val, sampler, meta, (len(s.train), len(s.val)), s.val)
 
-
 def preprocessing(cfg: Config, s: Splits, sizes: list, colour: int) -> tuple[dict, dict, str]:
-    """What the images become: the resolved settings, the weights' metadata (meta) and a line.
-    --pretrained: the weights' own normalization, size and crop fraction, unless given."""
+    """The resolved settings, the weights' metadata (meta) and a line; --pretrained: the weights'
+    own normalization, size and crop fraction, unless given."""
     stats, fraction, size = None, cfg.crop_fraction, cfg.image_size
     if cfg.pretrained:
         preset = pretrained_weights(cfg).transforms()
@@ -1718,28 +1493,24 @@ def preprocessing(cfg: Config, s: Splits, sizes: list, colour: int) -> tuple[dic
     props, note = image_properties(dataclasses.replace(cfg, image_size=size), cfg.model, sizes,
                                    colour, "" if cfg.image_size or not cfg.pretrained else
                                    f"the size of {pretrained_weights(cfg)}")
-    (h, w), c = props["image_size"], props["channels"]
-    padding = cfg.crop_padding if cfg.crop_padding >= 0 else min(h, w) // 8
-    if padding > min(h, w):  # a padded batch of 3,000 px took 3.5 GB
-        raise Exit(f"--crop_padding {cfg.crop_padding} is more than the image side "
-                   f"({min(h, w)} px): use at most {min(h, w)}, or -1 (auto)")
-    resolved = {"image_size": max(h, w), "channels": c, "hflip": props["hflip"],
-                "crop_padding": padding, "crop_fraction": fraction,
-                "recipe": cfg.recipe if cfg.recipe != "auto" else "photo" if min(h, w) >= 64
-                else "small"}
+    side, c = min(props["image_size"]), props["channels"]
+    padding = cfg.crop_padding if cfg.crop_padding >= 0 else side // 8
+    if padding > side:  # a padded batch of 3,000 px took 3.5 GB
+        raise Exit(f"--crop_padding {cfg.crop_padding} is more than the image side ({side} px): "
+                   f"use at most {side}, or -1 (auto)")
+    recipe = cfg.recipe if cfg.recipe != "auto" else "photo" if side >= 64 else "small"
+    resolved = {"image_size": max(props["image_size"]), "channels": c, "hflip": props["hflip"],
+                "crop_padding": padding, "crop_fraction": fraction, "recipe": recipe}
     meta = {**props, **(stats or {"mean": [0.5] * c, "std": [0.5] * c}),
             "class_names": s.class_names, "num_classes": len(s.class_names), "model": cfg.model,
-            "crop_padding": padding, "recipe": resolved["recipe"], "crop_scale": cfg.crop_scale,
+            "crop_padding": padding, "recipe": recipe, "crop_scale": cfg.crop_scale,
             "crop_ratio": cfg.crop_ratio, "crop_fraction": fraction}
     return resolved, meta, note
 
-
 def batch_size(cfg: Config, train_count: int, processes: int, lr_given: bool = False
                ) -> tuple[int, str]:
-    """--batch_size (per process), or auto: a global batch of 64 (what the default --lr is set
-    for) split over the processes, at least 8 each, halved (down to 8) until an epoch has
-    MIN_STEPS_PER_EPOCH optimizer steps: 2 steps per epoch leave BatchNorm's averages behind.
-    So 1, 2 or 8 processes take the same steps, and reach the same accuracy."""
+    """Auto: a global batch of 64 (the default --lr's) over the processes, at least 8 each, halved
+    down to 8 until an epoch has MIN_STEPS_PER_EPOCH steps (2 leave BatchNorm's averages behind)."""
     per_process, accum = train_count // processes, cfg.gradient_accumulation_steps
     if per_process == 0:
         raise Exit(f"{train_count} training images cannot be shared by {processes} processes; "
@@ -1757,31 +1528,27 @@ def batch_size(cfg: Config, train_count: int, processes: int, lr_given: bool = F
     batch = max(8, 64 // processes)
     while batch > 8 and per_process // batch // accum < MIN_STEPS_PER_EPOCH:
         batch //= 2
-    if per_process < batch:
-        return max(1, per_process), (f"note: only {per_process} training images per process, "
-                                     f"fewer than a batch: batch size {max(1, per_process)} "
-                                     "per process (auto)")
-    steps = per_process // batch // accum
+    if per_process < batch:  # per_process >= 1 (see above)
+        return per_process, (f"note: only {per_process} training images per process, fewer "
+                             f"than a batch: batch size {per_process} per process (auto)")
     split = f", a global batch of {batch * processes}" if processes > 1 else ""
     return batch, "" if batch == 64 else (
-        f"note: batch size {batch} per process (auto{split}): {per_process} training images "
-        f"per process make {steps} steps per epoch; --batch_size sets it per process")
-
+        f"note: batch size {batch} per process (auto{split}): {per_process} training images per "
+        f"process make {per_process // batch // accum} steps per epoch; --batch_size sets it per "
+        "process")
 
 def load_eval_split(run: Run, meta: dict):
-    """--eval_only: what to evaluate. The weights' own data (no --dataset, no --split): the
-    validation split they were trained with, held out again with the same seed if need be.
-    Otherwise --split of the data, else its validation/test split, else all of it. Returns
-    the split, its columns, what it is, and part_of for the decoded cache."""
+    """--eval_only: the split, its columns, what it is, and part_of. The weights' own data: their
+    validation split (held out again with their seed); else --split, a validation split or all."""
     cfg, given, own = run.asked, run.given, meta["data"]
-    same = "dataset" not in given or cfg.dataset == own["dataset"]
-    if same:  # the data flags it was trained with, unless given
+    if "dataset" not in given or cfg.dataset == own["dataset"]:  # its data flags, unless given
         cfg = dataclasses.replace(cfg, **{k: v for k, v in own.items() if k not in given})
-    if same and "split" not in given:
-        s = load_splits(cfg, run.hub)
-        return (s.val, s.image_col, s.label_col, "the validation split of the training data",
-                part_of(s, meta, False))
+        if "split" not in given:
+            s = load_splits(cfg, run.hub)
+            return (s.val, s.image_col, s.label_col, "the validation split of the training data",
+                    part_of(s, meta, False))
     source, _ = load_source(cfg, run.hub)
+    split, what = source, "all of it"
     if isinstance(source, datasets.DatasetDict):
         name = cfg.split or next((n for n in VAL_SPLITS if n in source),
                                  "train" if "train" in source else next(iter(source)))
@@ -1792,14 +1559,12 @@ def load_eval_split(run: Run, meta: dict):
     elif cfg.split:
         raise Exit(f"--split {cfg.split}: {cfg.dataset} has no splits; leave --split out to "
                    "evaluate all of it")
-    else:
-        split, what = source, "all of it"
     if len(split) == 0:
         raise Exit(f"{what} of {cfg.dataset} is empty")
     image_col, label_col, _ = find_columns(split, cfg.image_column, cfg.label_column)
     split = align_classes(split, label_col, meta["class_names"], "the model's classes")
-    split = split.cast_column(image_col, datasets.Image(decode=False))
-    return split, image_col, label_col, f"{what} of {cfg.dataset}", None
+    return (split.cast_column(image_col, datasets.Image(decode=False)), image_col, label_col,
+            f"{what} of {cfg.dataset}", None)
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -1819,7 +1584,6 @@ class LoopState:
     epoch_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss*n, correct, n
     last_metrics: dict = field(default_factory=dict)  # the last finished epoch's metrics
 
-
 def loop_state(saved, where: Path) -> LoopState:
     """The loop state of a checkpoint, each field of the type it is written with, and the
     metrics that resuming at that point reports."""
@@ -1836,12 +1600,10 @@ def loop_state(saved, where: Path) -> LoopState:
             raise wrong(f"{f.name} is {value!r}, not {kind.__name__}")
     need = ["train_loss", "train_acc", "epoch_time_s", "images_per_s"] if state.epoch else []
     need += ["val_loss", "val_acc"] if state.evaluated and state.evaluated == state.epoch else []
-    if len(state.epoch_sums) != 3 or not all(
-            type(v) in (int, float) for v in [*state.epoch_sums,
-                                              *(state.last_metrics.get(k) for k in need)]):
+    values = [*state.epoch_sums, *(state.last_metrics.get(k) for k in need)]
+    if len(state.epoch_sums) != 3 or not all(type(v) in (int, float) for v in values):
         raise wrong("epoch_sums or last_metrics incomplete")
     return state
-
 
 def check_loop_state(state: LoopState, batches: int, accum: int, where: Path) -> None:
     """A checkpoint's loop state must be one this run can reach: a batch index past the epoch
@@ -1853,17 +1615,14 @@ def check_loop_state(state: LoopState, batches: int, accum: int, where: Path) ->
                    f"batch {state.batch} of {batches}, step {state.step}): damaged or edited; "
                    "--resume another checkpoint")
 
-
 def write_json(path: Path, obj) -> None:
     """Write-then-rename, so a reader never sees half a file."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
 
 def open_regular(path: Path, follow: bool = True):
     """A regular file opened for reading, or ValueError: never a device, a FIFO (opening one
@@ -1873,7 +1632,6 @@ def open_regular(path: Path, follow: bool = True):
         os.close(fd)
         raise ValueError(f"{path} is not a regular file")
     return open(fd, "rb")
-
 
 def file_digest(path: Path, follow: bool = True) -> str:
     """sha256 of a regular file, read up to the size it had when opened."""
@@ -1885,25 +1643,20 @@ def file_digest(path: Path, follow: bool = True) -> str:
             left -= len(chunk)
     return digest.hexdigest()
 
-
 def read_json(path: Path, limit: int = 1 << 24):
-    """A JSON file that is a regular file of at most `limit` bytes (a forged or edited one
-    may be anything); ValueError otherwise."""
+    """JSON of a regular file up to `limit` bytes, or ValueError (a forged one may be anything)."""
     with open_regular(path) as f:
         if os.fstat(f.fileno()).st_size > limit:
             raise ValueError(f"{path} is larger than {size_text(limit)}")
         return json.loads(f.read(limit))
 
-
 def checkpoint_ok(path: Path) -> tuple[bool, str]:
-    """A checkpoint is complete when loop_state.json (written last) lists every file with
-    its size and sha256 and they all match: plain files of the checkpoint directory only,
-    never followed out of it. Its loop state and random states must load as well."""
+    """Complete: loop_state.json (written last) gives every file's size and sha256, and plain
+    files of the directory itself match them; its loop state and random states load."""
     try:
         saved = read_json(path / "loop_state.json")
-        for name, (size, digest) in saved["files"].items():
-            if not (isinstance(name, str) and name == Path(name).name and name not in ("", "..")
-                    and isinstance(size, int)):
+        for name, (size, digest) in saved["files"].items():  # JSON keys are strings
+            if name != Path(name).name or name in ("", "..") or not isinstance(size, int):
                 return False, f"loop_state.json names {name!r}, not a file of the checkpoint"
             if (path / name).lstat().st_size != size or \
                     file_digest(path / name, follow=False) != digest:
@@ -1911,22 +1664,19 @@ def checkpoint_ok(path: Path) -> tuple[bool, str]:
         if not isinstance(saved["identity"], dict):
             return False, "loop_state.json holds no run identity"
         loop_state(saved["loop"], path)
-        for name in saved["files"]:
-            if name.startswith("random_states_"):
-                check_random_states(path / name)
+        for name in (n for n in saved["files"] if n.startswith("random_states_")):
+            check_random_states(path / name)
         return True, ""
     except Exit as e:
         return False, str(e)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return False, f"{type(e).__name__}: {e}"
 
-
 def checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoint directories, newest first (half-written ones live under .tmp_ names)."""
     root = run_dir / "checkpoints"
     found = root.glob("step_*") if root.is_dir() else []
     return sorted((p for p in found if p.name[5:].isdigit()), key=lambda p: p.name, reverse=True)
-
 
 def save_checkpoint(run: Run) -> Path:
     """Crash-safe: every process writes into a temporary directory, the main process records
@@ -1945,8 +1695,7 @@ def save_checkpoint(run: Run) -> Path:
     try:
         acc.save_state(str(tmp))  # model, optimizer, scaler, RNG of every process
     except Exception as e:  # torch.save reports a full disk as "file write failed"
-        if shutil.disk_usage(root).free > 4 * sum(p.stat().st_size for p in tmp.iterdir()) \
-                + 2**20:
+        if shutil.disk_usage(root).free > 4 * sum(p.stat().st_size for p in tmp.iterdir()) + 2**20:
             raise
         shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from e
@@ -1964,53 +1713,42 @@ def save_checkpoint(run: Run) -> Path:
         dir_fd = os.open(root, os.O_RDONLY)
         os.fsync(dir_fd)
         os.close(dir_fd)
-        for old in checkpoints(run.dir)[run.cfg.keep_checkpoints:] \
-                if run.cfg.keep_checkpoints else []:
+        keep = run.cfg.keep_checkpoints  # 0: all
+        for old in [*(checkpoints(run.dir)[keep:] if keep else []), *root.glob(".tmp_step_*")]:
             shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob(".tmp_step_*"):
-            shutil.rmtree(stale, ignore_errors=True)
     acc.wait_for_everyone()
     return final
-
 
 def pick_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
     """--resume auto: the newest checkpoint that verifies; none: None; else the given path."""
     if cfg.resume == "none":
         return None
-    if cfg.resume != "auto":
-        path = Path(cfg.resume)
-        ok, why = checkpoint_ok(path)
-        if not ok:
-            raise Exit(f"--resume {cfg.resume} is not a complete checkpoint ({why}); use "
-                       "--resume auto to take the newest complete one")
-        return path
-    for path in checkpoints(run_dir):
+    for path in checkpoints(run_dir) if cfg.resume == "auto" else [Path(cfg.resume)]:
         ok, why = checkpoint_ok(path)
         if ok:
             return path
+        if cfg.resume != "auto":
+            raise Exit(f"--resume {cfg.resume} is not a complete checkpoint ({why}); use "
+                       "--resume auto to take the newest complete one")
         print(f"warning: skipping damaged checkpoint {path} ({why})", flush=True)
     return None
 
-
 HELD_LOCKS = weakref.WeakSet()  # the open lock files (take_lock), which workers close
 
-
 def take_lock(path: Path, wait: bool):
-    """flock on `path` (created if need be, never through a link): the open file, held until
-    it is closed or the process ends, kill -9 included; None where the file system has no
-    locks (e.g. Lustre without -o flock), with a warning. Without `wait`, a lock held by
-    another process raises BlockingIOError."""
+    """flock on `path`, created, never through a link: held until closed or the process ends
+    (kill -9 too); None, with a warning, where the file system has none (Lustre without flock)."""
+    linked = f"{path} is not a plain file of its own (a link?); remove it"
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
     except OSError as e:
-        if e.errno != errno.ELOOP:
-            raise
-        fd = None
-    info = os.fstat(fd) if fd is not None else None
-    if info is None or not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
-        if fd is not None:
-            os.close(fd)  # the run lock's file is rewritten: never another file through a link
-        raise Exit(f"{path} is not a plain file of its own (a link?); remove it")
+        if e.errno == errno.ELOOP:
+            raise Exit(linked) from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)  # the run lock's file is rewritten: never another file through a link
+        raise Exit(linked)
     lock = open(fd, "r+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -2025,7 +1763,6 @@ def take_lock(path: Path, wait: bool):
     HELD_LOCKS.add(lock)
     return lock
 
-
 def lock_run_dir(run_dir: Path):
     """An exclusive lock on run_dir/.lock, holding who has it: never stale (see take_lock)."""
     try:
@@ -2034,23 +1771,19 @@ def lock_run_dir(run_dir: Path):
         raise Exit(f"{run_dir} is in use by another run ({holder}); wait for it to end or use "
                    "another --output_dir") from None
     if lock is not None:
-        lock.seek(0)
-        lock.truncate()
+        lock.truncate()  # from 0: the file was only opened
         lock.write(f"host {socket.gethostname()}, pid {os.getpid()}, since "
                    f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n")
         lock.flush()
     return lock
 
-
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "model.safetensors",
              "model_best.safetensors", "model_ema.safetensors", "curves.png", "confusion.png",
              "top_losses.csv", "checkpoints", "tensorboard")
 
-
 def prepare_run_dir(run: Run) -> tuple[Path | None, object]:
-    """Lock the directory, then decide, identically on every process, whether this is a new
-    run, a resume, or another run's directory (refused). Returns the checkpoint to resume
-    from, if any, and the lock (held by the main process)."""
+    """Lock the directory and decide, alike on every process: a new run, a resume, or another
+    run's directory (refused). Returns the checkpoint to resume, if any, and the lock."""
     cfg, run_dir, acc = run.cfg, run.dir, run.accelerator
     identity = run.identity = run_identity(run)
     answer, lock = [""], None
@@ -2071,52 +1804,45 @@ def prepare_run_dir(run: Run) -> tuple[Path | None, object]:
     accelerate.utils.broadcast_object_list(answer)  # the main process hashes; all follow
     if isinstance(answer[0], Exception):
         raise answer[0]
-    resume = Path(answer[0]) if answer[0] else None
-    if resume is not None:
-        run.saved = read_json(resume / "loop_state.json")  # verified by the main process
-        saved = run.saved["identity"]
-        diff = [k for k in identity if k in saved and saved[k] != identity[k]]  # older: fewer
-        if diff:
-            raise Exit(f"checkpoint {resume} belongs to a different run: " + "; ".join(
-                f"{k} was {saved.get(k)!r}, now {identity[k]!r}" for k in diff)
-                + ". Use the same settings, another --output_dir, or --resume none --overwrite")
-        if (run_dir / "results.json").exists() and cfg.resume == "auto":
-            already_holds(run_dir, "a finished run (results.json)")
-        return resume, lock
-    clear_run_dir(run)
-    return None, lock
-
+    if not answer[0]:
+        clear_run_dir(run)
+        return None, lock
+    resume = Path(answer[0])
+    run.saved = read_json(resume / "loop_state.json")  # verified by the main process
+    saved = run.saved["identity"]
+    diff = [k for k in identity if k in saved and saved[k] != identity[k]]  # older: fewer
+    if diff:
+        raise Exit(f"checkpoint {resume} belongs to a different run: " + "; ".join(
+            f"{k} was {saved[k]!r}, now {identity[k]!r}" for k in diff)
+            + ". Use the same settings, another --output_dir, or --resume none --overwrite")
+    if (run_dir / "results.json").exists() and cfg.resume == "auto":
+        already_holds(run_dir, "a finished run (results.json)")
+    return resume, lock
 
 def clear_run_dir(run: Run) -> None:
     """A new run: another run's files are refused, unless --overwrite (then removed)."""
-    old, run_dir = {}, run.dir
-    if (run_dir / "config.json").exists():
-        try:
-            old = dict(read_json(run_dir / "config.json").get("identity", {}))
-        except (OSError, ValueError, TypeError, AttributeError):
-            old = {"unreadable": True}
+    run_dir = run.dir
+    try:
+        old = dict(read_json(run_dir / "config.json").get("identity", {}))
+    except (OSError, ValueError, TypeError, AttributeError):
+        old = {}  # none or unreadable: not this run's
     other = [f for f in RUN_FILES if (run_dir / f).exists()]
-    same = old and "unreadable" not in old and all(  # an older train.py's: fewer keys
-        old.get(k, v) == v for k, v in run.identity.items())
+    same = old and all(old.get(k, v) == v for k, v in run.identity.items())  # older: fewer keys
     finished = "results.json" in other or "model.safetensors" in other
     if other and not run.cfg.overwrite and (finished or not same or checkpoints(run_dir)):
         already_holds(run_dir, f"another run ({', '.join(other)})")
     run.accelerator.wait_for_everyone()  # everyone has looked before anything is removed
     if run.accelerator.is_main_process:
-        for f in other:
-            target = run_dir / f
+        for target in (run_dir / f for f in other):
             shutil.rmtree(target) if target.is_dir() else target.unlink()
-
 
 def already_holds(run_dir: Path, what: str) -> None:
     raise Exit(f"{run_dir} already holds {what}; use another --output_dir, or --overwrite to "
                "replace it")
 
-
 def refuse_to_replace(path: Path, cfg: Config) -> None:
     if path.exists() and not cfg.overwrite:
         already_holds(path.parent, path.name)
-
 
 def run_identity(run: Run) -> dict:
     """What a checkpoint must match to be resumed by this run (a view of run.cfg)."""
@@ -2130,7 +1856,6 @@ def run_identity(run: Run) -> dict:
             "train_count": run.data.counts[0],
             "streaming": cfg.streaming and cfg.shuffle_window}  # the order of a streamed epoch
 
-
 def resolve_run_dir(cfg: Config, suffix: str) -> tuple[Path, bool]:
     """--output_dir, or a new runs/<date>-<time>-<suffix>[-N] made here (mkdir is atomic, so
     two runs started in the same second get two directories). Returns (path, made here)."""
@@ -2139,34 +1864,30 @@ def resolve_run_dir(cfg: Config, suffix: str) -> tuple[Path, bool]:
     name = [None]
     if accelerate.PartialState().is_main_process:
         base = f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}-{suffix}"
-        for n in range(1, 10_000):
-            try:
-                Path(f"{base}-{n}" if n > 1 else base).mkdir(parents=True)
-                name = [f"{base}-{n}" if n > 1 else base]
+        for path in (f"{base}-{n}" if n > 1 else base for n in range(1, 10_000)):
+            with contextlib.suppress(FileExistsError):
+                Path(path).mkdir(parents=True)
+                name = [path]
                 break
-            except FileExistsError:
-                continue
     accelerate.utils.broadcast_object_list(name)  # every process uses the main process's name
     return Path(name[0]), True
-
 
 class MetricsLog:
     """metrics.jsonl (main process) plus the Accelerate trackers; one event per line."""
 
     def __init__(self, accelerator, run_dir: Path, resumed: LoopState | None):
         self.accelerator, self.path = accelerator, run_dir / "metrics.jsonl"
-        if accelerator.is_main_process and self.path.exists():
+        if accelerator.is_main_process and resumed is not None and self.path.exists():
             # Keep what happened up to the checkpoint; drop the rest (and any torn last line),
-            # and an evaluation that the resumed run will repeat.
-            kept = []
+            # and an evaluation that the resumed run will repeat (a new run's: clear_run_dir).
+            step, redo, kept = resumed.step, resumed.evaluated < resumed.epoch, []
             for line in self.path.read_text().splitlines():
                 try:
                     event = json.loads(line)
                 except ValueError:
                     continue
-                if resumed is not None and (event["step"] < resumed.step or (
-                        event["step"] == resumed.step and not (
-                            event["event"] == "eval" and resumed.evaluated < resumed.epoch))):
+                if event["step"] < step or event["step"] == step and not (
+                        event["event"] == "eval" and redo):
                     kept.append(line + "\n")
             tmp = self.path.with_name("metrics.jsonl.tmp")
             tmp.write_text("".join(kept))
@@ -2181,40 +1902,33 @@ class MetricsLog:
         scalars = {f"{event}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
         self.accelerator.log(scalars, step=step)
 
-
 def save_tensors(state: dict, path: Path, metadata: dict | None = None) -> None:
-    """A state dict as safetensors, on the CPU, written to a temporary name then renamed."""
     tmp = path.with_name(path.name + ".tmp")
     safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
                                 str(tmp), metadata=metadata)
     follow_umask(tmp)
     os.replace(tmp, path)
 
-
 def save_weights(model, path: Path, meta: dict) -> None:
     # One metadata key holding sorted JSON: safetensors orders several keys differently per run.
     save_tensors(model.state_dict(), path, {"train_py": json.dumps(meta, sort_keys=True)})
 
-
 def check_meta(meta) -> dict:
     """The weights' metadata drives allocations (image size, class count): check it first."""
-    def ok() -> bool:
+    try:
         size, c, k = meta["image_size"], meta["channels"], meta["num_classes"]
-        return (isinstance(meta["model"], str) and c in (1, 3) and len(size) == 2
+        if (isinstance(meta["model"], str) and c in (1, 3) and len(size) == 2
                 and all(isinstance(v, int) and 1 <= v <= MAX_IMAGE_SIZE for v in size)
                 and isinstance(k, int) and 1 <= k <= 1_000_000
                 and len(meta["class_names"]) == k and len(meta["mean"]) == len(meta["std"]) == c
                 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in meta["mean"])
                 and all(isinstance(v, (int, float)) and v > 0 for v in meta["std"])
                 and isinstance(meta["crop_padding"], int) and isinstance(meta["hflip"], bool)
-                and isinstance(meta["data"]["dataset"], str))
-    try:
-        if ok():
+                and isinstance(meta["data"]["dataset"], str)):
             return meta
     except (KeyError, TypeError, ValueError):
         pass
     raise ValueError("its train_py metadata is incomplete or out of range")
-
 
 def read_weights(path: str, flag: str = "--weights") -> tuple[dict, dict]:
     p = Path(path)
@@ -2227,27 +1941,23 @@ def read_weights(path: str, flag: str = "--weights") -> tuple[dict, dict]:
         raise Exit(f"{flag} {path}: not a model.safetensors written by train.py "
                    f"({first_line(e)})") from None
 
-
 def trained_model(cfg: Config) -> tuple[object, dict]:
-    """--weights as a model on the CPU and its metadata. The tensors must fit the model the
-    metadata describes, checked on a model built without memory first."""
+    """--weights as a model on the CPU, and its metadata: the tensors must fit the model it
+    describes, checked first on one built without memory."""
     weights, meta = read_weights(cfg.weights)
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in build_model(meta, probe=False)
                     .state_dict().items()}
     found = {k: tuple(v.shape) for k, v in weights.items()}
-    if expected != found:
-        wrong = sorted(set(expected) ^ set(found) | {k for k in expected if k in found
-                                                     and expected[k] != found[k]})
+    wrong = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+    if wrong:
         raise Exit(f"--weights {cfg.weights}: the tensors do not fit a {meta['model']} with "
                    f"{meta['num_classes']} classes ({listing(wrong, 4)})")
     model = build_model(meta)
     model.load_state_dict(weights)
     return model, meta
 
-
 def write_config(run: Run, resume: Path | None) -> None:
-    """config.json: the flags as given, the resolved configuration, the identity, versions."""
     acc, cfg, data = run.accelerator, run.cfg, run.data
     hosts = accelerate.utils.gather_object([os.uname().nodename])
     effective = cfg.batch_size * acc.num_processes * cfg.gradient_accumulation_steps
@@ -2256,14 +1966,12 @@ def write_config(run: Run, resume: Path | None) -> None:
             "config": asdict(run.asked), "resolved": {
                 **asdict(cfg), "image_size": data.meta["image_size"],
                 "train_count": data.counts[0], "val_count": data.counts[1]},
-            "identity": run.identity, "versions": {
-                "python": sys.version.split()[0], "torch": torch.__version__,
-                "torchvision": torchvision.__version__, "accelerate": accelerate.__version__,
-                "datasets": datasets.__version__},
+            "identity": run.identity, "versions": {"python": sys.version.split()[0], **{
+                m.__name__: m.__version__ for m in (torch, torchvision, accelerate, datasets)}},
             "num_processes": acc.num_processes, "hostnames": hosts, "device": str(acc.device),
             "mixed_precision": acc.mixed_precision, "data_mode": cfg.data_mode,
             "effective_batch_size": effective, "torch_threads": torch.get_num_threads(),
-            "resumed_from": str(resume or "") or None,
+            "resumed_from": str(resume) if resume else None,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")})
     h, w = data.meta["image_size"]
     print0(acc, f"{acc.num_processes} process(es) on {acc.device.type}, mixed precision "
@@ -2272,7 +1980,6 @@ def write_config(run: Run, resume: Path | None) -> None:
                 f"accumulation; {data.counts[0]} train / {data.counts[1]} val images, "
                 f"{data.meta['num_classes']} classes, {data.meta['channels']}x{h}x{w}; run "
                 f"directory {run.dir}")
-
 
 def note_changes(run: Run) -> None:
     """On a resume: the flags that differ from those the run began with."""
@@ -2289,7 +1996,6 @@ def note_changes(run: Run) -> None:
     if changed:
         print0(run.accelerator, "note: changed since the run began: " + ", ".join(changed))
 
-
 def tracker_config(cfg: Config) -> dict:
     """Trackers take flat scalars and strings."""
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
@@ -2298,15 +2004,12 @@ def tracker_config(cfg: Config) -> dict:
 
 # ----------------------------------------------------------------------------- flags, signals
 
-CHECKS = [  # (field, ok, requirement)
-    *[(name, lambda v: v >= 1, "at least 1") for name in ("epochs", "gradient_accumulation_steps")],
-    *[(name, lambda v: v > 0, "> 0") for name in ("lr", "memory_budget_gb", "head_lr_scale",
-                                                  "max_image_pixels")],
-    *[(name, lambda v: v >= 0, ">= 0") for name in (
-        "weight_decay", "max_grad_norm", "warmup_steps", "precise_bn", "mixup", "cutmix",
-        "log_every", "checkpoint_every", "keep_checkpoints", "threads")],
-    *[(name, lambda v: 0 <= v < 1, "in [0, 1)") for name in ("momentum", "label_smoothing",
-                                                            "ema_decay")],
+CHECKS = [(name, ok, requirement) for names, ok, requirement in [  # in the order checked
+    ("epochs gradient_accumulation_steps", lambda v: v >= 1, "at least 1"),
+    ("lr memory_budget_gb head_lr_scale max_image_pixels", lambda v: v > 0, "> 0"),
+    ("weight_decay max_grad_norm warmup_steps precise_bn mixup cutmix log_every checkpoint_every "
+     "keep_checkpoints threads", lambda v: v >= 0, ">= 0"),
+    ("momentum label_smoothing ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("batch_size", lambda v: v >= 0, ">= 0 (0 = auto)"),
     ("val_fraction", lambda v: 0 < v < 1, "between 0 and 1"),
     ("image_size", lambda v: 0 <= v <= MAX_IMAGE_SIZE, f"between 0 (auto) and {MAX_IMAGE_SIZE}"),
@@ -2318,17 +2021,14 @@ CHECKS = [  # (field, ok, requirement)
     ("crop_padding", lambda v: -1 <= v <= MAX_IMAGE_SIZE, ">= 0 or -1 (auto), and at most the "
      "image side"),
     ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy's seed range)"),
-    ("output_dir", lambda v: v is None or v.strip() != "", "a directory, not empty"),
-    ("cache_dir", lambda v: v is None or v.strip() != "", "a directory, not empty"),
-]
+    ("output_dir cache_dir", lambda v: v is None or v.strip() != "", "a directory, not empty"),
+] for name in names.split()]
 GROUPS = {"dataset": "data", "model": "model", "epochs": "optimization",  # first field: title
           "output_dir": "outputs and logging", "checkpoint_every": "checkpoints and preemption",
           "seed": "system", "eval_only": "evaluation only"}
 RULES = [  # (broken, message): flags that cannot go together, in the order they are checked
-    (lambda c, given: c.eval_only and not c.weights,
-     "--eval_only needs --weights RUN_DIR_OR_MODEL_SAFETENSORS"),
-    (lambda c, given: c.predict and not c.weights,
-     "--predict needs --weights RUN_DIR_OR_MODEL_SAFETENSORS"),
+    *[(lambda c, given, flag=flag: getattr(c, flag) and not c.weights, f"--{flag} needs "
+       "--weights RUN_DIR_OR_MODEL_SAFETENSORS") for flag in ("eval_only", "predict")],
     *[(lambda c, given, flag=flag: flag in given and not (
         c.eval_only or (c.predict and flag == "weights")), f"--{flag} goes with --eval_only "
        "(evaluate saved weights) or --predict; drop it to train") for flag in ("weights", "split")],
@@ -2351,11 +2051,9 @@ RULES = [  # (broken, message): flags that cannot go together, in the order they
      "--channels 1: torchvision models (--model {c.model}) take RGB input"),
 ]
 
-
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints its 31-line usage first
         raise Exit(f"{message} (--help lists the flags)")
-
 
 def parse_config(argv: list[str] | None = None) -> tuple[Config, set[str]]:
     """Flags are generated from Config; returns the config and the names given explicitly.
@@ -2367,13 +2065,11 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, set[str]]:
     for f in fields(Config):
         group = parser.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
         text = f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})")
-        if f.type == "bool":
-            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=text)
-        elif f.name == "pretrained":  # --pretrained alone means DEFAULT
-            group.add_argument(f"--{f.name}", nargs="?", const="DEFAULT", help=text)
-        else:
-            group.add_argument(f"--{f.name}", type={"int": int, "float": float}.get(f.type, str),
-                               choices=f.metadata["choices"], help=text)
+        how = ({"action": argparse.BooleanOptionalAction} if f.type == "bool" else
+               {"nargs": "?", "const": "DEFAULT"} if f.name == "pretrained" else  # alone: DEFAULT
+               {"type": {"int": int, "float": float}.get(f.type, str),
+                "choices": f.metadata["choices"]})
+        group.add_argument(f"--{f.name}", help=text, **how)
     given = vars(parser.parse_args(argv))
     cfg = Config(**given)
     for f in fields(Config):
@@ -2388,7 +2084,6 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, set[str]]:
             raise Exit(message.format(c=cfg))
     return cfg, set(given)
 
-
 def signal_numbers(names: str) -> list[int]:
     numbers = []
     for name in filter(None, (n.strip().upper() for n in names.split(","))):
@@ -2400,18 +2095,13 @@ def signal_numbers(names: str) -> list[int]:
         numbers.append(signum)
     return numbers
 
-
 class StopFlag:
-    """Signal handlers only set this; the processes agree on it at the next step boundary.
-    Before the training loop (imports, data, checkpoint checks) nothing is lost by stopping,
-    so until `training()` the handler ends start-up at once: it raises KeyboardInterrupt, as
-    Python's own SIGINT handler does, which no library's `except Exception` swallows (main:
-    exit 75). Never restored: a signal during the shutdown still means exit 75."""
+    """Handlers set this; the processes agree on it at the next step. Until training() (nothing to
+    save) they raise KeyboardInterrupt, which no `except Exception` swallows: exit 75."""
 
     def __init__(self, names: str = ""):
         self.signal: str | None = None
-        self.caught: list[int] = []
-        self.immediate = True
+        self.caught, self.immediate = [], True
         self.catch(names)
 
     def catch(self, names: str) -> None:
@@ -2445,16 +2135,13 @@ class StopFlag:
         if self.signal is not None:
             self.handle(signal.Signals[self.signal], None)
 
-
 def init_worker(worker_id: int) -> None:
-    """Loader workers ignore the stop signals (sent to a whole process group, they would crash
-    the run before its checkpoint) and close their copies of the locks, which they share with
-    the run: one held a run directory after a kill -9 of the run, or after main() returned."""
+    """Loader workers ignore the stop signals (sent to a process group, they crashed the run before
+    its checkpoint) and close the run's locks (one held a run directory after a kill -9 of it)."""
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
     for lock in list(HELD_LOCKS):
         lock.close()  # this process's descriptor only: flock stays with the others
-
 
 class Exit(Exception):
     """How a run ends early, with its exit code and its one line (code 2: bad usage or input;
@@ -2463,7 +2150,6 @@ class Exit(Exception):
     def __init__(self, message: str = "", code: int = EXIT_USAGE):
         super().__init__(message)
         self.code = code
-
 
 def exit_code(error: BaseException, stop: StopFlag, run_dir: Path | None) -> int:
     """main()'s one handler: the line each expected way of ending prints, and its exit code."""
@@ -2483,31 +2169,24 @@ def exit_code(error: BaseException, stop: StopFlag, run_dir: Path | None) -> int
     message = str(error)
     if "Original Traceback" in message:  # raised in a DataLoader worker
         message = message.strip().splitlines()[-1].split("Exit: ", 1)[-1]
-    if error.code == EXIT_PREEMPTED:
-        if message:
-            report(f"train.py: {message}")
-    else:
+    if error.code != EXIT_PREEMPTED:
         print(f"train.py: error: {message[:2000]}", file=sys.stderr)
+    elif message:
+        report(f"train.py: {message}")
     return error.code
 
-
 def report(line: str) -> None:
-    """A stop line for both the log (stdout) and the error stream: once where they are one file
-    (a terminal, a Slurm log)."""
+    """A stop line for the log (stdout) and the error stream: once where they are one file."""
     print(line, flush=True)
-    try:
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # captured streams
         if os.path.samestat(os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())):
             return
-    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # captured streams
-        pass
     print(line, file=sys.stderr, flush=True)
-
 
 def print0(accelerator, *values) -> None:
     """Print once per job: accelerator.print prints once per node."""
     if accelerator.is_main_process:
         print(*values, flush=True)
-
 
 def listing(items, limit: int = 8) -> str:
     """A list for a one-line message: the first few, then how many in all."""
@@ -2515,15 +2194,12 @@ def listing(items, limit: int = 8) -> str:
     more = f", ... ({len(items)} in all)" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
 
-
 def size_text(n_bytes: float) -> str:
     return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
-
 
 def first_line(error: BaseException) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # torch's bold error titles
     return f"{type(error).__name__}: {(text.splitlines() or [''])[0][:300]}"
-
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -2532,11 +2208,9 @@ def cpu_count() -> int:
 # ----------------------------------------------------------------------------- libraries
 
 def import_libraries() -> None:
-    """torch, torchvision, accelerate and datasets take ~6 s to import: they come after the
-    stop signals are caught and the flags are checked, so --help and a bad flag answer at once
-    and a signal during the imports is not lost. Tests and benchmarks call this first."""
+    """These take ~6 s to import: after the flags are checked (--help answers at once) and the
+    stop signals caught (one during the imports is not lost). Tests and benchmarks call this."""
     global accelerate, datasets, np, PIL, safetensors, torch, torchvision, nn, F, TF, tqdm
-    import accelerate
     import accelerate.optimizer
     import accelerate.tracking
     import accelerate.utils
@@ -2544,7 +2218,6 @@ def import_libraries() -> None:
     import numpy as np
     import PIL.Image
     import PIL.ImageOps
-    import safetensors
     import safetensors.torch
     import torch
     import torch.nn as nn
@@ -2556,12 +2229,9 @@ def import_libraries() -> None:
         datasets.disable_progress_bars()  # they flood log files (Slurm, CI)
     short_socket_dir()
 
-
 def use_cpu(cfg: Config) -> bool:
-    """Train on the CPU: asked, or no accelerator. On a CPU-only machine under torchrun or
-    `accelerate launch --multi_gpu`, a plain Accelerator() reports one process and every
-    process trains on all the data; cpu=True makes it MULTI_CPU over gloo. torch.accelerator
-    also knows MPS and XPU; its current_accelerator() answers "cuda" on a CUDA build."""
+    """Asked, or no accelerator (MPS, XPU too): without GPUs under torchrun a plain Accelerator()
+    has each process train on all the data; cpu=True makes it MULTI_CPU over gloo."""
     cpu = cfg.cpu or not (torch.accelerator.is_available() if hasattr(torch, "accelerator")
                           else torch.cuda.is_available())
     gpus, local = torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", 0))
@@ -2570,7 +2240,6 @@ def use_cpu(cfg: Config) -> bool:
                    f"launch {gpus} process(es) per machine (accelerate launch --num_processes "
                    f"{gpus}, or plain `accelerate launch train.py`)")
     return cpu
-
 
 def make_accelerator(cfg: Config, cpu: bool, run_dir: Path):
     available = [str(t) for t in accelerate.tracking.get_available_trackers()]
@@ -2595,27 +2264,25 @@ def make_accelerator(cfg: Config, cpu: bool, run_dir: Path):
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # Accelerate accepts this and silently trains in fp32.
         raise Exit("--mixed_precision fp16 needs a GPU; on the CPU use bf16 or no")
-    if cpu and cfg.mixed_precision is None and launcher != "no":
-        print0(accelerator, f"note: the launcher asks for {launcher}; on the CPU this run "
-                            "trains in fp32 (--mixed_precision bf16 insists)")
     cores, local = cpu_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if accelerator.device.type == "cpu" and local > cores:
-        print0(accelerator, f"warning: {local} processes on {cores} CPU cores and no GPU: each "
-                            "process gets a fraction of a core. Use `python train.py`, or "
-                            f"`torchrun --nproc_per_node {cores} train.py ...`")
-    asked = launcher_processes()
-    if asked > 1 and accelerator.num_processes == 1:
-        print0(accelerator, f"warning: the launcher asked for {asked} processes and started 1 "
-                            "(without GPUs accelerate launch needs --multi_gpu for more): use "
-                            f"`accelerate launch --multi_gpu --num_processes {asked} train.py` "
-                            f"or `torchrun --nproc_per_node {asked} train.py`")
-    threads = cfg.threads or (launcher_threads(local) if accelerator.device.type == "cpu" else 0)
-    if threads and not cfg.threads:
-        print0(accelerator, f"note: the launcher set OMP_NUM_THREADS=1: {threads} threads per "
-                            f"process instead ({cores} cores, {local} local "
-                            f"process{'es' * (local > 1)}); --threads or OMP_NUM_THREADS sets it")
-    if cfg.threads > cores:
-        print0(accelerator, f"note: --threads {cfg.threads} capped at {cores} (CPU cores)")
+    on_cpu, asked = accelerator.device.type == "cpu", launcher_processes()
+    threads = cfg.threads or (launcher_threads(local) if on_cpu else 0)
+    for shown, line in [
+        (cpu and cfg.mixed_precision is None and launcher != "no", f"note: the launcher asks for "
+         f"{launcher}; on the CPU this run trains in fp32 (--mixed_precision bf16 insists)"),
+        (on_cpu and local > cores, f"warning: {local} processes on {cores} CPU cores and no GPU: "
+         "each process gets a fraction of a core. Use `python train.py`, or "
+         f"`torchrun --nproc_per_node {cores} train.py ...`"),
+        (asked > 1 and accelerator.num_processes == 1, f"warning: the launcher asked for {asked} "
+         "processes and started 1 (without GPUs accelerate launch needs --multi_gpu for more): "
+         f"use `accelerate launch --multi_gpu --num_processes {asked} train.py` or "
+         f"`torchrun --nproc_per_node {asked} train.py`"),
+        (threads and not cfg.threads, f"note: the launcher set OMP_NUM_THREADS=1: {threads} "
+         f"threads per process instead ({cores} cores, {local} local "
+         f"process{'es' * (local > 1)}); --threads or OMP_NUM_THREADS sets it"),
+        (cfg.threads > cores, f"note: --threads {cfg.threads} capped at {cores} (CPU cores)")]:
+        if shown:
+            print0(accelerator, line)
     if threads:
         torch.set_num_threads(min(threads, cores))
     remember_accelerate_answers()
@@ -2629,12 +2296,9 @@ def make_accelerator(cfg: Config, cpu: bool, run_dir: Path):
 
 TAR_IMAGES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")  # webdataset's image keys
 
-
 class Shards:
-    """One split's shards, read a row at a time: parquet by row group (the last ones read are
-    kept), tar through an index of a shard's members made when it is first read. A row is a
-    (shard, row) pair or, counting through the shards in order, a number. No file stays open:
-    loader workers share nothing but what the cache held when they were forked."""
+    """A split's shards, read by row ((shard, row), or a number), by parquet row group or tar index
+    (the last few kept). No file stays open: forked loader workers share only this cache."""
 
     def __init__(self, paths: list[str], counts: list[int], groups: list, features, top: int):
         self.paths, self.counts, self.groups, self.features = paths, counts, groups, features
@@ -2649,15 +2313,17 @@ class Shards:
         return self.starts[-1]
 
     def __getitem__(self, i):
-        shard, row = i if isinstance(i, tuple) else locate(self.starts, range(len(self.paths)), i)
+        shard, row = i if isinstance(i, tuple) else locate(self.starts, i)
         path, (image_col, label_col) = self.paths[shard], self.columns
-        where = f"{path} row {row}"
+        where, (g, offset) = f"{path} row {row}", locate(self.groups[shard], row)
+        if (shard, g) not in self.cache:  # the oldest go when there are `keep`
+            self.cache[shard, g] = self.read(shard, g)
+            while len(self.cache) > self.keep:
+                self.cache.pop(next(iter(self.cache)))
         if path.endswith(".tar"):
-            image, label = self.tar_row(shard, row)
+            image, label = self.tar_row(path, self.cache[shard, g][offset])
         else:
-            g = bisect.bisect_right(self.groups[shard], row) - 1
-            images, labels = self.kept((shard, g), lambda: self.row_group(shard, g))
-            image, label = images[row - self.groups[shard][g]], labels[row - self.groups[shard][g]]
+            image, label = (column[offset] for column in self.cache[shard, g])
         if isinstance(label, str):
             label = self.names.index(label) if label in self.names else -1
         if not image or type(label) is not int or not 0 <= label < len(self.names):
@@ -2668,15 +2334,10 @@ class Shards:
                     label_col: label}
         return {image_col: {"bytes": image, "path": where}, label_col: label}
 
-    def kept(self, key: tuple, read):
-        """A row group or a tar index, read once; the oldest go when there are `keep`."""
-        if key not in self.cache:
-            self.cache[key] = read()
-            while len(self.cache) > self.keep:
-                self.cache.pop(next(iter(self.cache)))
-        return self.cache[key]
-
-    def row_group(self, shard: int, g: int) -> tuple[list, list]:
+    def read(self, shard: int, g: int) -> list[dict] | tuple[list, list]:
+        """A tar shard's samples (one group), or a parquet row group's images and labels."""
+        if self.paths[shard].endswith(".tar"):
+            return tar_members(self.paths[shard], False)[0]
         import pyarrow.parquet as pq
         try:
             with fsspec_open(self.paths[shard]) as f:
@@ -2690,16 +2351,14 @@ class Shards:
                                            images.field("path").to_pylist())], labels.to_pylist()
         return images.to_pylist(), labels.to_pylist()
 
-    def tar_row(self, shard: int, row: int) -> tuple[bytes, int]:
-        members = self.kept((shard, "tar"), lambda: tar_members(self.paths[shard], False)[0])[row]
+    def tar_row(self, path: str, members: dict) -> tuple[bytes, int]:
         ext = self.columns[0] if self.columns[0] in members else next(  # .jpg beside .png
             e for e in TAR_IMAGES if e in members)
-        with fsspec_open(self.paths[shard]) as f:
+        with fsspec_open(path) as f:
             f.seek(members[ext][0])
             image = f.read(members[ext][1])
             f.seek(members["cls"][0])
             return image, int(f.read(members["cls"][1]))
-
 
 def fsspec_open(path: str):
     if "://" not in path:
@@ -2707,41 +2366,35 @@ def fsspec_open(path: str):
     import fsspec  # hf://, s3://, ...: datasets' own dependency
     return fsspec.open(path, "rb").open()
 
-
-def locate(starts: list[int], order, position: int) -> tuple[int, int]:
-    """(shard, row) of a position in the shards concatenated in `order` (starts: cumulative)."""
+def locate(starts: list[int], position: int) -> tuple[int, int]:
+    """(part, offset) of a position in parts that start at `starts` (cumulative counts)."""
     k = bisect.bisect_right(starts, position) - 1
-    return order[k], position - starts[k]
-
+    return k, position - starts[k]
 
 def tar_members(path: str, labels: bool = True) -> tuple[list[dict], int]:
     """A WebDataset shard's samples in order, each {extension: (offset, size)} (a sample is the
     files that share a name up to the first dot), and its largest .cls label."""
-    samples, keys, top = [], {}, -1
+    samples, top = {}, -1
     with fsspec_open(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for m in tar:
             if not m.isfile() or m.name.startswith("."):
                 continue
-            key, _, ext = os.path.basename(m.name).partition(".")
-            key = os.path.join(os.path.dirname(m.name), key)
-            if key not in keys:
-                keys[key] = len(samples)
-                samples.append({})
-            samples[keys[key]][ext.lower()] = (m.offset_data, m.size)
-        for i, sample in enumerate(samples):
+            folder, name = os.path.split(m.name)
+            key, _, ext = name.partition(".")
+            samples.setdefault(os.path.join(folder, key), {})[ext.lower()] = (m.offset_data, m.size)
+        for key, sample in samples.items():
             if "cls" not in sample or not any(e in sample for e in TAR_IMAGES):
-                raise Exit(f"shard {path}: sample {list(keys)[i]} has {listing(sample)}: each "
+                raise Exit(f"shard {path}: sample {key} has {listing(sample)}: each "
                            f"needs an image ({listing(TAR_IMAGES)}) and a .cls label")
             if not labels:
                 continue
             f.seek(sample["cls"][0])
             text = f.read(min(sample["cls"][1], 32)).strip()
             if not text.isdigit() or sample["cls"][1] > 32:
-                raise Exit(f"shard {path}: sample {list(keys)[i]}.cls holds {text[:20]!r}, not a "
+                raise Exit(f"shard {path}: sample {key}.cls holds {text[:20]!r}, not a "
                            "class number")
             top = max(top, int(text))
-    return samples, top
-
+    return list(samples.values()), top
 
 def open_shards(paths: list[str]) -> Shards:
     """Row counts, row groups and columns of each shard, all the same; none may be empty."""
@@ -2778,11 +2431,9 @@ def open_shards(paths: list[str]) -> Shards:
         columns = columns or (path, found, features)
     return Shards(paths, counts, groups, columns[2], top)
 
-
 def stream_splits(cfg: Config, hub: str | None) -> Splits:
-    """--streaming: training and validation shards, as datasets finds a folder's or a Hub
-    repository's data files (data/train-*.parquet, validation/*.tar, ...); their columns and
-    classes, from the features (ClassLabel), --classes, or the largest label."""
+    """Training and validation shards as datasets finds data files (data/train-*.parquet, ...);
+    the classes from the features (ClassLabel), --classes, or the largest .cls label."""
     files, kinds = shard_files(cfg, hub)
     train_name = "train" if "train" in files else next(iter(files))
     val_name = next((s for s in VAL_SPLITS if s in files and s != train_name), None)
@@ -2817,7 +2468,6 @@ def stream_splits(cfg: Config, hub: str | None) -> Splits:
               f"{kinds.pop()} shards, read as training goes")
     return Splits(train, val, image_col, label_col, names, train, [shards, note])
 
-
 def shard_files(cfg: Config, hub: str | None) -> tuple[dict, set]:
     """Each split's shards, as datasets resolves a folder's or Hub repository's data files; a
     glob keeps those of its folder that it matches (e.g. 'shards/*/part-*.tar')."""
@@ -2845,12 +2495,9 @@ def shard_files(cfg: Config, hub: str | None) -> tuple[dict, set]:
                    f"{listing(sorted(kinds)) or 'no data files'}: leave out --streaming")
     return files, kinds
 
-
 class StreamSampler:
-    """This process's share of an epoch as (shard, row) pairs, drawn from (seed, epoch) alone:
-    the shards in a random order, concatenated; process r of P takes positions [r*L, r*L + n)
-    (L = N // P, n: its full batches), shuffled within windows of --shuffle_window positions.
-    An epoch resumes at any batch without reading the ones before it."""
+    """An epoch's (shard, row) pairs from (seed, epoch) alone, so it resumes at any batch: shards in
+    random order; process r of P takes full batches from r*(N//P) on, shuffled in windows."""
 
     def __init__(self, shards: Shards, batch: int, rank: int, processes: int, cfg: Config):
         per, self.shards, self.batch, self.rank, self.seed = (
@@ -2877,14 +2524,13 @@ class StreamSampler:
             hi = min(lo + self.window, self.n)
             gen.manual_seed(hash((self.seed, epoch, self.rank, lo)) % 2**62)
             for j in torch.randperm(hi - lo, generator=gen)[p - lo:].tolist():
-                yield locate(starts, order, self.first + lo + j)
+                k, row = locate(starts, self.first + lo + j)
+                yield order[k], row
             p = hi
 
-
 class SkipBad(Decoded):
-    """--skip_bad_examples: a training example that cannot be read (its image, its label) is
-    replaced by the next one of its shard that can, and named in a note line, so that the
-    batches, and a resumed run, stay the same."""
+    """--skip_bad_examples: an unreadable training example is replaced by the next readable one of
+    its shard (named in a note), so that the batches, and a resumed run, stay the same."""
 
     def __getitem__(self, i: tuple[int, int]):
         shard, row = i
@@ -2895,7 +2541,6 @@ class SkipBad(Decoded):
             except Exit as e:
                 print(f"note: skipped: {e} (--skip_bad_examples)", file=sys.stderr, flush=True)
         raise Exit(f"shard {self.split.paths[shard]}: none of its examples can be read")
-
 
 class Streamed:
     """The training loader of --streaming: this process's own batches (not Accelerate's
@@ -2923,14 +2568,9 @@ class Streamed:
 
 CACHE_FORMAT = 2  # in every cache key: bump it when decode() changes what it makes
 
-
 class OnDisk:
-    """A decoded split as one file of uint8 C x H x W rows (and its labels), written once by
-    build_cache. A batch is read row by row with pread: the OS page cache keeps the rows in
-    memory when they fit, and unlike a memory map the pages read never count as this
-    process's memory (RSS, which job schedulers limit). One core, random batches of 20,000
-    rows of 3x73x73: pread 0.47M rows/s, a numpy memmap 0.98M, datasets' Arrow Array3D 17k
-    (bench/cache.py --section formats)."""
+    """A split's uint8 C x H x W rows in one file, read with pread: 0.47M random rows/s to a
+    memmap's 0.98M, but the pages read never count as RSS (bench/cache.py --section formats)."""
 
     def __init__(self, folder: Path, shape: tuple[int, ...], labels):
         self.path, self.shape, self.labels = folder / "images.u8", tuple(shape), labels
@@ -2955,7 +2595,7 @@ class OnDisk:
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
-            self.fd = None
+        self.fd = None
 
     def digest(self) -> str:
         """sha256 of up to 64 rows spread over the file: a cheap check that it is intact."""
@@ -2963,47 +2603,37 @@ class OnDisk:
         rows = sorted({i * (n - 1) // 63 for i in range(64)}) if n > 64 else list(range(n))
         return hashlib.sha256(self.__getitems__(rows)[0].numpy().tobytes()).hexdigest()
 
-
 def cache_root(cfg: Config) -> Path:
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser().absolute()
     return Path(datasets.config.HF_DATASETS_CACHE) / "train.py-decoded"
 
-
 def cache_folder(root: Path, split, image_col: str, label_col: str, meta: dict, train: bool
                  ) -> Path:
-    """A split's decoded rows are named by all they depend on. datasets' fingerprint of a
-    split covers its rows and how they were chosen (held out with which seed, relabelled);
-    an image folder's also covers its files' sizes and times (image_folder)."""
+    """Named by all the rows depend on: datasets' fingerprint covers a split's rows and how they
+    were chosen (held out with which seed, relabelled); an image folder's, its files' too."""
     key = [CACHE_FORMAT, split._fingerprint, image_col, label_col, meta["channels"],
            *stored(meta, train), referenced_files(split, image_col)]
     return root / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
 
-
 def referenced_files(split, image_col: str) -> str | None:
-    """For images stored as paths (a save_to_disk or parquet dataset pointing at files), a
-    digest of the files' names, sizes and times: datasets' fingerprint only covers the paths.
-    None for stored bytes, and for image folders (their fingerprint covers their files)."""
+    """For images stored as paths, a digest of the files' names, sizes and times, which datasets'
+    fingerprint leaves out; None for stored bytes and image folders (their fingerprint has it)."""
     if (split.info.description or "").startswith("image folder ") or not len(split) or (
             split[0][image_col].get("bytes") is not None):
         return None
     files = hashlib.sha256()
     for image in split.select_columns([image_col])[:][image_col]:
-        try:
+        info = None
+        with contextlib.suppress(OSError):  # decode() names a missing file
             info = os.stat(image["path"]) if image["bytes"] is None else None
-        except OSError:  # decode() names a missing file
-            info = None
         files.update(f"{image['path']}\0{info and (info.st_size, info.st_mtime_ns)}\n".encode())
     return files.hexdigest()
 
-
 def cached(root: Path, source: Source, meta: dict, train: bool):
-    """The split decoded into root/<key>/, built by the first process that takes the key's
-    lock while the others (this node's, and other nodes' on a shared file system) wait for
-    it. Built in a temporary folder that is renamed when complete: an interrupted build is
-    never used, and the next run removes it and builds again. `source.part` (part_of): cache
-    the data the split was held out of, and read the split's rows of it."""
-    if source.part is not None:
+    """The split decoded into root/<key>/ by the first process to take the key's lock, while the
+    others (other nodes' too, on a shared file system) wait. `source.part`: see part_of."""
+    if source.part is not None:  # cache the data the split was held out of, read its rows
         whole = Source(source.part[0], source.image_col, source.label_col)
         return torch.utils.data.Subset(cached(root, whole, meta, train), source.part[1])
     folder = cache_folder(root, source.split, source.image_col, source.label_col, meta, train)
@@ -3012,9 +2642,8 @@ def cached(root: Path, source: Source, meta: dict, train: bool):
         lock = take_lock(root / f"{folder.name}.lock", wait=True)
     except OSError as e:
         raise Exit(f"cannot write to --cache_dir {root}: {e.strerror}") from None
-    try:
-        data, damage = (open_cache(folder, source, meta, train) if folder.exists()
-                        else (None, ""))
+    with lock or contextlib.nullcontext():  # closing the file lets the lock go
+        data, damage = open_cache(folder, source, meta, train) if folder.exists() else (None, "")
         if data is not None:
             if int(os.environ.get("LOCAL_RANK", 0)) == 0:
                 print(f"cache: reusing {folder} ({len(data)} images)", flush=True)
@@ -3025,17 +2654,12 @@ def cached(root: Path, source: Source, meta: dict, train: bool):
         for stale in root.glob(f"{folder.name}.tmp-*") if lock else []:  # killed builds
             shutil.rmtree(stale, ignore_errors=True)
         return build_cache(folder, source, meta, train)
-    finally:
-        if lock is not None:
-            lock.close()
-
 
 def open_cache(folder: Path, source: Source, meta: dict, train: bool
                ) -> tuple[OnDisk | None, str]:
     """The complete, intact cache in `folder`, or None and what is wrong with it. Every field
     of cache.json must be what the cache's key says, before anything is allocated by it."""
-    size, cover = stored(meta, train)
-    split = source.split
+    (size, cover), split = stored(meta, train), source.split
     expect = {"shape": [meta["channels"], *size], "rows": len(split), "cover": cover,
               "fingerprint": split._fingerprint, "format": CACHE_FORMAT}
     try:
@@ -3059,13 +2683,11 @@ def open_cache(folder: Path, source: Source, meta: dict, train: bool
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return None, f"unreadable ({first_line(e)})"
 
-
 def with_slack(need: float) -> float:  # bytes: 2% and 1 MiB left for other writers
     return need * 1.02 + 2**20
 
-
 def build_cache(folder: Path, source: Source, meta: dict, train: bool) -> OnDisk:
-    """Decode the split in worker processes into a temporary folder; renamed when complete."""
+    """Decoded into a temporary folder, renamed when complete: a killed build is never used."""
     (size, _), split = stored(meta, train), source.split
     shape = (meta["channels"], *size)
     need, free = len(split) * (math.prod(shape) + 8), shutil.disk_usage(folder.parent).free
@@ -3077,10 +2699,9 @@ def build_cache(folder: Path, source: Source, meta: dict, train: bool) -> OnDisk
         raise Exit(full.format(size_text(free)), EXIT_FAILED)
     workers = cpu_count() if len(split) > 500 else 0
     tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    how = f"with {workers} worker processes" if workers else "in this process (few images)"
     print(f"cache: decoding {len(split)} {'training' if train else 'evaluation'} images "
-          f"({size_text(need)}) into {folder} "
-          + (f"with {workers} worker processes" if workers else "in this process (few images)"),
-          flush=True)
+          f"({size_text(need)}) into {folder} {how}", flush=True)
     t0 = time.perf_counter()
     try:
         tmp.mkdir()
@@ -3104,7 +2725,6 @@ def build_cache(folder: Path, source: Source, meta: dict, train: bool) -> OnDisk
     took = time.perf_counter() - t0
     print(f"cache: built {folder} in {took:.1f} s ({len(split) / took:.0f} images/s)", flush=True)
     return OnDisk(folder, shape, labels)
-
 
 def write_cache(tmp: Path, source: Source, meta: dict, train: bool, workers: int):
     """images.u8, labels.npy, then cache.json (last: it marks the folder complete)."""
@@ -3138,13 +2758,11 @@ def write_cache(tmp: Path, source: Source, meta: dict, train: bool, workers: int
 # behaviour changes, the workaround can go.
 
 def busy_cores(seconds: float = 0.1) -> float:
-    """How many of this process's cores other processes keep busy right now (/proc/stat over
-    `seconds`, while this process sleeps); 0 where that cannot be read."""
+    """How many of this process's cores others keep busy (/proc/stat over `seconds`), or 0."""
     def sample() -> tuple[int, int]:
+        mine = {f"cpu{core}" for core in os.sched_getaffinity(0)}
         with open("/proc/stat") as f:
-            rows = [line.split() for line in f if line.startswith("cpu")]
-        mine = [r for r in rows if r[0][3:].isdigit() and int(r[0][3:]) in os.sched_getaffinity(0)]
-        ticks = [list(map(int, r[1:9])) for r in mine]
+            ticks = [list(map(int, row[1:9])) for row in map(str.split, f) if row[0] in mine]
         return sum(map(sum, ticks)), sum(t[3] + t[4] for t in ticks)  # all, idle + iowait
     try:
         (all0, idle0), _, (all1, idle1) = sample(), time.sleep(seconds), sample()
@@ -3152,28 +2770,19 @@ def busy_cores(seconds: float = 0.1) -> float:
         return 0.0
     return (all1 - all0 - (idle1 - idle0)) / os.sysconf("SC_CLK_TCK") / seconds
 
-
 def choose_wait_policy() -> str:
-    """OpenMP (libgomp) threads spin while they wait for work. With another busy process on 2
-    cores that made the default run take 39-77 s instead of ~9 s; passive waiting fixes it,
-    but on a quiet machine it doubled the small CNN's training time. So: passive only when
-    other processes keep this process's cores busy at start-up, and never over the user's
-    choice. Before torch is imported (libgomp reads it once). Returns a note, or ''."""
-    if "OMP_WAIT_POLICY" in os.environ:
-        return ""
-    busy = busy_cores()
+    """libgomp's threads spin while they wait: beside a busy process on 2 cores a ~9 s run took
+    39-77 s, but passive waiting doubled it on a quiet machine. Call before torch is imported."""
+    busy = 0.0 if "OMP_WAIT_POLICY" in os.environ else busy_cores()  # the user's choice stands
     if busy < 0.5:
         return ""
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     return (f"note: other processes keep {busy:.1f} of this process's {cpu_count()} cores "
             "busy: OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE)")
 
-
 def hub_access(dataset: str) -> str | None:
-    """huggingface_hub retries an unreachable Hub 5 times (~28 s) before it fails. For a Hub
-    id, before `datasets` is imported: 'offline' (HF_HUB_OFFLINE set), 'online', or
-    'unreachable', which sets HF_HUB_OFFLINE=1 so that a cached copy loads at once and a
-    missing one fails at once."""
+    """huggingface_hub retries an unreachable Hub 5 times (~28 s): then HF_HUB_OFFLINE=1 makes a
+    cached copy load at once. For a Hub id (else None), before `datasets` is imported."""
     if dataset == "digits" or Path(dataset).expanduser().exists() or dataset.startswith(
             (".", "/", "~")) or dataset.count("/") > 1 or set("*?[") & set(dataset):
         return None
@@ -3184,34 +2793,28 @@ def hub_access(dataset: str) -> str | None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     return "unreachable"
 
-
 def reachable(url: str) -> bool:
     """Whether url's host answers within ~3 s (a stuck DNS lookup included)."""
     host = urllib.parse.urlparse(url)
     reached: list[bool] = []
 
     def connect() -> None:
-        try:
+        with contextlib.suppress(OSError):
             socket.create_connection((host.hostname, host.port or 443), timeout=3).close()
             reached.append(True)
-        except OSError:
-            pass
     probe = threading.Thread(target=connect, daemon=True)
     probe.start()
     probe.join(3.5)
     return bool(reached)
-
 
 def labels_of(split, label_col: str):
     """A label column as one array. datasets formats `split[col]` row by row, and the numpy
     format element by element: 1.5 s and 0.3 s for 40,000 rows, at every start."""
     return np.asarray(split.select_columns([label_col])[:][label_col])
 
-
 class EpochSampler:
-    """A permutation that depends only on (seed, epoch). Accelerate's seedable sampler does the
-    same but pickles itself, dataset included, into every checkpoint; the epoch number is
-    already in our loop state."""
+    """A permutation that depends only on (seed, epoch). Accelerate's seedable sampler pickles
+    itself, dataset included, into every checkpoint; the epoch is already in our loop state."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch = n, seed, 0
@@ -3225,10 +2828,8 @@ class EpochSampler:
     def __iter__(self):
         return iter(epoch_permutation(self.n, self.seed, self.epoch).tolist())
 
-
 def epoch_permutation(n: int, seed: int, epoch: int):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
 
 def follow_umask(path: Path) -> None:
     """safetensors 0.8 writes its files with mode 0600 whatever the umask."""
@@ -3236,11 +2837,9 @@ def follow_umask(path: Path) -> None:
     os.umask(mask)
     path.chmod(0o666 & ~mask)
 
-
 def check_random_states(path: Path) -> None:
-    """Accelerate's load_state catches any error restoring the random states and only logs it
-    (at info level, on the main process), so a resume would go on without them. Each file is
-    restored into throwaway generators first, with Accelerate's own loader."""
+    """Accelerate's load_state only logs (at info level) an error restoring the random states,
+    and resumes without them: each file is restored into throwaway generators first."""
     try:
         states = accelerate.utils.load(path)
         random.Random().setstate(states["random_state"])
@@ -3253,38 +2852,31 @@ def check_random_states(path: Path) -> None:
         raise Exit(f"{path.name} does not restore the random states ({first_line(e)})") \
             from None
 
-
 def pretrained_state(weights) -> tuple[dict, str]:
-    """torchvision reads its weights file through torch.hub's load_state_dict_from_url, which
-    unpickles with weights_only=False: a file planted in its place would run code. Here the
-    file's sha256 must begin with the hash in its name, and it is read with weights_only=True;
-    a missing file is downloaded by torch.hub, which checks the same hash."""
+    """torchvision loads weights via torch.hub with weights_only=False, so a planted file would run
+    code: here its sha256 must begin with its name's hash, and it loads with weights_only=True."""
     file = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     expected = torch.hub.HASH_REGEX.search(file.name)
+    prefix = expected and expected.group(1)
     try:
-        if not file.exists():
+        if not file.exists():  # torch.hub's download checks the same hash
             if not reachable(weights.url):
                 raise ConnectionError("not there, and no network to download it")
             file.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(weights.url, str(file), progress=False,
-                                           hash_prefix=expected and expected.group(1))
+                                           hash_prefix=prefix)
         digest = file_digest(file)
-        if expected and not digest.startswith(expected.group(1)):
-            raise Exit(f"--pretrained: {file} is not torchvision's file: its sha256 begins "
-                       f"{digest[:8]}, its name says {expected.group(1)}; delete it, or put "
-                       f"{weights.url} there")
-        return torch.load(file, map_location="cpu", weights_only=True), f"{weights} ({file})"
-    except Exit:
-        raise
+        if not prefix or digest.startswith(prefix):
+            return torch.load(file, map_location="cpu", weights_only=True), f"{weights} ({file})"
     except Exception as e:  # offline, a damaged file, a pickle that is not plain tensors
         raise Exit(f"--pretrained: cannot read {file} ({first_line(e)}); put {weights.url} "
                    "there") from None
-
+    raise Exit(f"--pretrained: {file} is not torchvision's file: its sha256 begins "
+               f"{digest[:8]}, its name says {prefix}; delete it, or put {weights.url} there")
 
 def launcher() -> tuple[list[str], bool]:
-    """The command line of this process's parent when it is `accelerate launch` or torchrun
-    (not srun's slurmstepd, a shell or a user's own launcher), read from /proc, and whether
-    OMP_NUM_THREADS was unset in its environment."""
+    """The parent's command line when it is `accelerate launch` or torchrun (not srun, a shell or
+    a user's own launcher), and whether OMP_NUM_THREADS was unset in its environment."""
     try:
         with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
             command = f.read().decode(errors="replace").split("\0")
@@ -3296,50 +2888,37 @@ def launcher() -> tuple[list[str], bool]:
                                                             "distributed.run"))
     return (command, unset) if ours else ([], False)
 
-
 def launcher_threads(local: int) -> int:
-    """accelerate launch and torchrun set OMP_NUM_THREADS=1 where the user set nothing (so that
-    N processes do not oversubscribe the cores): on 2 cores a CPU run under `accelerate launch`
-    trained at half the speed of `python train.py`. When the launcher set it: the cores per
-    local process when that is more than 1; else 0, the value stands."""
-    if os.environ.get("OMP_NUM_THREADS") != "1":
+    """accelerate launch and torchrun set OMP_NUM_THREADS=1 where the user set nothing: on 2 cores
+    that halved a CPU run's speed. Where they set it: the cores per local process if over 1."""
+    if os.environ.get("OMP_NUM_THREADS") != "1" or not launcher()[1]:
         return 0
-    command, unset = launcher()
     threads = cpu_count() // local
-    return threads if command and unset and threads > 1 else 0
-
+    return threads if threads > 1 else 0
 
 def launcher_processes() -> int:
-    """The process count the launcher's command line asks for (--num_processes N,
-    --nproc_per_node N), or 0. Without a GPU, `accelerate launch --num_processes 2` starts one
-    process, silently (accelerate 1.x sets multi_gpu only when it counts several GPUs)."""
+    """The process count the launcher's command line asks for, or 0. Without a GPU, `accelerate
+    launch --num_processes 2` starts one, silently (accelerate 1.x sets multi_gpu only on GPUs)."""
     command = launcher()[0]
-    for i, part in enumerate(command):
+    for part, following in zip(command, [*command[1:], ""]):
         name, _, value = part.partition("=")
         if name in ("--num_processes", "--nproc_per_node", "--nproc-per-node"):
-            value = value or (command[i + 1] if i + 1 < len(command) else "")
+            value = value or following
             return int(value) if value.isdigit() else 0
     return 0
 
-
 def remember_accelerate_answers() -> None:
-    """accelerate 1.15 asks two questions on every step whose answers cannot change during a
-    run: is the optional lomo_optim package installed (twice per optimizer.step(), ~0.3 ms on
-    a CPU) and does optimizer.zero_grad take set_to_none (inspect.signature, ~0.1 ms). Next
-    to a 6 ms digits step that was 6%; remember the answers."""
+    """accelerate 1.15 asks every step whether lomo_optim is installed (~0.3 ms on a CPU) and for
+    zero_grad's signature (~0.1 ms): 6% of a 6 ms digits step. The answers cannot change."""
     module = accelerate.optimizer
     if not hasattr(module.is_lomo_available, "cache_info"):
         module.is_lomo_available = functools.cache(module.is_lomo_available)
         module.inspect = types.SimpleNamespace(signature=functools.lru_cache(maxsize=4)(
             inspect.signature))
 
-
 def short_socket_dir() -> None:
-    """Loader workers pass each batch to the main process as file descriptors, through a Unix
-    socket in multiprocessing's directory under $TMPDIR. Linux caps a socket's path at 107
-    bytes: under a long TMPDIR (a job's scratch path, pytest's) the worker's send failed in a
-    background thread and the run waited for that batch for ever (CPython issue 132124, fixed
-    in 3.13). Such a directory is made under /tmp instead; the forked workers inherit it."""
+    """Loader workers send batches through a Unix socket under $TMPDIR, whose path Linux caps at
+    107 bytes: past it the run hung (CPython issue 132124, fixed in 3.13). Made under /tmp."""
     import multiprocessing.util
     import tempfile
     if sys.platform != "linux" or len(tempfile.gettempdir()) + len(
@@ -3351,12 +2930,9 @@ def short_socket_dir() -> None:
     finally:
         tempfile.tempdir = saved
 
-
 def quiet_broken_pipes() -> None:
-    """Python 3.11's multiprocessing resource_sharer thread, which hands loader workers the
-    file descriptors of shared tensors, reports a BrokenPipeError through sys.excepthook when
-    the worker it serves is shut down by an exit (a stop during the cache build): a traceback
-    after the one line. Only that kind, from a thread other than the main one, is silenced."""
+    """Python 3.11's resource_sharer thread reports a BrokenPipeError (a traceback after the one
+    line) when an exit ends the loader worker it serves: silenced outside the main thread."""
     hook = sys.excepthook
 
     def excepthook(kind, value, tb):
@@ -3365,19 +2941,14 @@ def quiet_broken_pipes() -> None:
             hook(kind, value, tb)
     sys.excepthook = excepthook
 
-
 def exit_now(code: int) -> None:
-    """After the run, the interpreter's teardown of torch, datasets and accelerate took 1.5 s
-    (CPython 3.11, torch 2.x) beyond the printed whole-process time. Loader workers left
-    running (by an error) are ended first: they ignore SIGTERM, which multiprocessing's exit
-    handler sends them before it waits for them, forever. Then what a normal exit runs that
-    writes or removes files (other threads joined, the atexit handlers: logging, datasets'
-    temporary files, weakref finalizers) runs here, and the process ends."""
+    """Teardown took 1.5 s (CPython 3.11, torch 2.x), and loader workers ignore the SIGTERM that
+    multiprocessing's exit sends before it waits for them: the parts that touch files run here."""
     import atexit
     for signum in signal_numbers("INT,TERM,USR1,USR2"):  # the run is over: a stop is moot
         signal.signal(signum, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's: a killed worker is a failure
-    for child in multiprocessing.active_children():
+    for child in multiprocessing.active_children():  # loader workers left by an error
         child.kill()
         child.join()
     for thread in threading.enumerate():
@@ -3388,7 +2959,6 @@ def exit_now(code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
     os._exit(code)
-
 
 if __name__ == "__main__":
     quiet_broken_pipes()
