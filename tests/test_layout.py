@@ -12,7 +12,7 @@ SOURCE = (ROOT / "train.py").read_text()
 TREE = ast.parse(SOURCE)
 SECTIONS = ["settings", "the run", "evaluation", "model", "data", "run directory",
             "flags, signals", "libraries", "streamed shards", "decoded cache", "workarounds"]
-MAX_LINES = 3410          # grows by at most what a feature needs; the target is 2,000
+MAX_LINES = 2980          # grows by at most what a feature needs; the target is 2,300
 MAX_FUNCTION_LINES = 60
 MAX_PARAMETERS = 6
 UPDATE_STEP_BY = 300      # the line of accelerator.backward(
@@ -48,6 +48,12 @@ def test_functions_are_short_and_take_few_parameters():
         a for a in f.args.posonlyargs + f.args.args + f.args.kwonlyargs
         if a.arg not in ("self", "cls")])) > MAX_PARAMETERS}
     assert not long and not many, (long, many)
+
+
+def test_docstrings_are_short():
+    long = [n.name for n in ast.walk(TREE) if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+            and (doc := ast.get_docstring(n, clean=False)) and doc.count("\n") > 1]
+    assert not long, long  # at most 2 lines: the README holds the prose
 
 
 def test_one_way_to_stop_and_a_bounded_size():
