@@ -942,8 +942,8 @@ def image_folder(root: Path):
     # Split folders (train/, val/, ...) when any holds class folders. A top-level folder of
     # loose images (Kaggle's unlabelled test/) or one that is not a split is not training data.
     split_layout = any(len(p) > 2 and p[0].lower() in SPLIT_DIRS for p in found)
-    named = sorted(top for top in tops if top.lower() in SPLIT_DIRS)  # folders: files have .ext
-    if named and not split_layout:  # never classes named after splits
+    named = sorted(top for top in tops if top.lower() in SPLIT_DIRS)
+    if named and not split_layout:  # split-named folders of loose images: never classes
         raise Exit(f"{root / named[0]} holds images directly, but {named[0]} names a split: put "
                    f"them in class folders ({named[0]}/<class>/...), or pass --predict for them")
     left_out = []
