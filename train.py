@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         predict(run) if cfg.predict else evaluate_only(run) if cfg.eval_only else training(run)
         return EXIT_OK
     except (Exit, KeyboardInterrupt, OSError, MemoryError, RuntimeError) as error:
-        return exit_code(error, stop, run_dir)
+        return exit_code(error, stop, run_dir, made)
     finally:
         if made and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".lock"}:
             shutil.rmtree(run_dir)  # a default run directory that nothing was written to
@@ -309,7 +309,9 @@ def after_step(run: Run, bar, clock: dict, total: int, stopping: bool) -> None:
 
 def preempted(run: Run, when: str) -> Exit:
     print0(run.accelerator, f"stopped by {run.stop.signal or 'a signal to another process'} "
-                            f"{when}; exit {EXIT_PREEMPTED}, the same command resumes")
+                            f"{when}; exit {EXIT_PREEMPTED}, the same command "
+                            + ("" if run.asked.output_dir else f"with --output_dir {run.dir} ")
+                            + "resumes")
     return Exit("", EXIT_PREEMPTED)
 
 def log_train(run: Run, bar, clock: dict, total: int) -> None:
@@ -358,6 +360,10 @@ def evaluate_epoch(run: Run) -> None:
     metrics = {**state.last_metrics, **evaluate(acc, run.model, data.val, data.meta,
                                                  run.cfg.channels_last)}
     run.worst = metrics.pop("val_top_losses")
+    if not math.isfinite(metrics["val_loss"]):  # --nan_policy skip: the weights diverged
+        raise Exit(f"the validation loss is not finite after epoch {state.epoch} "
+                   f"({state.skipped_steps} steps skipped): the model diverged; lower --lr or set "
+                   "--max_grad_norm, and start again (--overwrite)", EXIT_FAILED)
     if run.ema is not None:  # its BatchNorm statistics recomputed for its weights as well
         precise_bn(run, run.ema.module)
         averaged = evaluate(acc, run.ema.module, data.val, data.meta, run.cfg.channels_last)
@@ -420,15 +426,27 @@ def training(run: Run) -> None:
             acc.end_training()  # trackers closed, process group destroyed
 
 def load_checkpoint(run: Run, resume: Path) -> None:
-    state = loop_state(run.saved["loop"], resume)
-    check_loop_state(state, len(run.data.train), run.cfg.gradient_accumulation_steps, resume)
+    state, cfg = loop_state(run.saved["loop"], resume), run.cfg
+    check_loop_state(state, len(run.data.train), cfg.gradient_accumulation_steps, resume)
+    if state.epoch > cfg.epochs or state.epoch == cfg.epochs and state.batch:
+        raise Exit(f"checkpoint {resume} is in epoch {state.epoch + 1}, past --epochs "
+                   f"{cfg.epochs}: pass --epochs {state.epoch + 1} or more, or --resume none "
+                   "--overwrite to start again")
+    # load_state restores the groups' momentum, weight decay and lr_scale: the flags' stand
+    asked = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
     try:
         run.accelerator.load_state(str(resume))
     except Exception as e:  # a forged optimizer.bin: UnpicklingError, ...
         raise Exit(f"checkpoint {resume} does not load ({first_line(e)}): damaged or edited; "
                    "--resume another checkpoint") from None
+    for group, settings in zip(run.optimizer.param_groups, asked):
+        group.update(settings)
     if run.ema is not None:
         load_ema(run.ema, resume)
+    if state.best_val_acc >= 0 and not (run.dir / "model_best.safetensors").exists():
+        print0(run.accelerator, f"note: {run.dir} holds no model_best.safetensors (resumed from "
+                                "another run's checkpoint?): the best is chosen from here on")
+        state.best_val_acc, state.best_epoch = -1.0, 0
     run.state = state
     print0(run.accelerator, f"resumed from {resume} (epoch {state.epoch + 1}, batch "
                             f"{state.batch}, step {state.step})")
@@ -503,6 +521,9 @@ def evaluate_only(run: Run) -> None:
     """--eval_only: the weights on the split they were validated on, or on other data."""
     acc, cfg = run.accelerator, run.asked
     model, meta = trained_model(cfg)
+    if checkpoints(run.dir) or (run.dir / "model.safetensors").exists():
+        raise Exit(f"{run.dir} holds a training run: its results.json would be --eval_only's, and "
+                   "a resume would take the run as finished; use another --output_dir")
     refuse_to_replace(run.dir / "results.json", cfg)
     with acc.main_process_first():
         split, image_col, label_col, what, part = load_eval_split(run, meta)
@@ -529,9 +550,8 @@ def predict(run: Run) -> None:
     acc, cfg = run.accelerator, run.asked
     model, meta = trained_model(cfg)
     root = Path(cfg.predict).expanduser()
-    every = [root] if root.is_file() else sorted(
-        p for p in root.rglob("*") if p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    every = [root] if root.is_file() else sorted(  # as training reads folders, links too
+        Path(path) for _, name, path in walk_files(root) if not name.startswith("."))
     files = [p for p in every if p.suffix.lower() in image_extensions()]
     if len(files) < len(every):
         print0(acc, f"note: skipped {len(every) - len(files)} files that are not images")
@@ -911,23 +931,47 @@ def image_extensions() -> frozenset[str]:
     return frozenset(e for e, fmt in PIL.Image.registered_extensions().items()
                      if fmt in PIL.Image.OPEN)
 
-def walk_images(root: Path) -> tuple[list[tuple], int, str] | None:
-    """Every image under root as its path parts, the count of other files, and a digest of the
-    files' names, sizes and times; None for a folder of data files (a Hub download)."""
-    images, found, skipped, files = image_extensions(), [], 0, hashlib.sha256()
+def walk_files(root: Path):
+    """(folder parts, name, path) of each file under root, sorted, through links to folders (one
+    read twice is refused: a loop), not into hidden or __ folders (__MACOSX)."""
+    seen = {}
     for folder, subfolders, names in os.walk(root, followlinks=True):
+        info = os.stat(folder)
+        if (first := seen.setdefault((info.st_dev, info.st_ino), folder)) != folder:
+            raise Exit(f"{folder} is {first} again (a link to a folder read already, or a loop): "
+                       "remove the link")
         subfolders[:] = sorted(d for d in subfolders if not d.startswith((".", "__")))
         inside = Path(folder).relative_to(root).parts
         for name in sorted(names):
-            ext = os.path.splitext(name)[1].lower()
-            if ext in DATA_FILES or name.startswith("metadata."):
-                return None
-            if name.startswith(".") or ext not in images:
-                skipped += 1
-                continue
-            found.append((*inside, name))
-            info = os.stat(os.path.join(folder, name))
-            files.update(f"{found[-1]}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+            path = os.path.join(folder, name)
+            try:
+                path.encode()
+            except UnicodeEncodeError:  # bytes that are not UTF-8: pyarrow cannot hold the name
+                raise Exit(f"{str(os.fsencode(path))[2:-1]}: the name is not UTF-8 (a zip made "
+                           "on Windows?); rename it") from None
+            yield inside, name, path
+
+def walk_images(root: Path) -> tuple[list[tuple], int, str] | None:
+    """Every image under root as its path parts, the count of other files, and a digest of the
+    files' names, sizes and times; None for data files (a Hub download, a table beside images)."""
+    images, found, skipped, tables, files = image_extensions(), [], 0, 0, hashlib.sha256()
+    for inside, name, path in walk_files(root):
+        ext = os.path.splitext(name)[1].lower()
+        if name.startswith("metadata.") or ext in DATA_FILES and (
+                not inside or ext in (".parquet", ".arrow")):
+            return None
+        if name.startswith(".") or ext not in images:
+            skipped, tables = skipped + 1, tables + (ext in DATA_FILES)  # sidecars: not data
+            continue
+        try:
+            info = os.stat(path)
+        except OSError as e:
+            raise Exit(f"cannot read {path}: {e.strerror}" + (
+                " (a link to a missing file); remove the link" if os.path.islink(path) else ""))
+        found.append((*inside, name))
+        files.update(f"{found[-1]}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    if not found and tables:  # data files in folders: datasets reads them
+        return None
     if not found:
         raise Exit(f"--dataset {root}: no image files in it ({skipped} other files)")
     return found, skipped, files.hexdigest()
@@ -946,24 +990,7 @@ def image_folder(root: Path):
     if named and not split_layout:  # split-named folders of loose images: never classes
         raise Exit(f"{root / named[0]} holds images directly, but {named[0]} names a split: put "
                    f"them in class folders ({named[0]}/<class>/...), or pass --predict for them")
-    left_out = []
-    for top in sorted({p[0] for p in found if len(p) > 1} if split_layout else ()):
-        inside = [p for p in found if p[0] == top]
-        unlabelled = all(len(p) == 2 for p in inside)
-        if unlabelled or top.lower() not in SPLIT_DIRS:
-            left_out.append(f"skipped {top}/: {len(inside)} images " + (
-                "outside class folders (unlabelled: --predict is for them)" if unlabelled
-                else "(not a split: train, val, test)"))
-            found = [p for p in found if p[0] != top]
-    loose = [Path(*p) for p in found if len(p) < (3 if split_layout else 2)]
-    if loose:
-        raise Exit(f"{len(loose)} image(s) in {root} outside any class folder (e.g. {loose[0]}); "
-                   "put each image in a folder named after its class")
-    if split_layout:  # a split folder without images would be silently replaced
-        empty = [d.name for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLIT_DIRS
-                 and d.name not in tops]
-        if empty:
-            raise Exit(f"{root / empty[0]} holds no images; add images to it or remove it")
+    found, left_out = class_folders(root, found, split_layout)
     rows: dict[str, list] = {}
     real = root.resolve()  # one spelling of the paths: one fingerprint, one decoded cache
     for parts in found:
@@ -989,6 +1016,36 @@ def image_folder(root: Path):
         features=features, info=datasets.DatasetInfo(description=about, features=features))
         for split, items in rows.items()}), note
 
+def class_folders(root: Path, found: list[tuple], split_layout: bool) -> tuple[list, list]:
+    """The images in class folders, and notes on the folders left out (unlabelled, not a split,
+    no images); loose images and empty split folders are refused."""
+    left_out, tops = [], {p[0] for p in found}
+    for top in sorted({p[0] for p in found if len(p) > 1} if split_layout else ()):
+        inside = [p for p in found if p[0] == top]
+        unlabelled = all(len(p) == 2 for p in inside)
+        if unlabelled or top.lower() not in SPLIT_DIRS:
+            left_out.append(f"skipped {top}/: {len(inside)} images " + (
+                "outside class folders (unlabelled: --predict is for them)" if unlabelled
+                else "(not a split: train, val, test)"))
+            found = [p for p in found if p[0] != top]
+    loose = [Path(*p) for p in found if len(p) < (3 if split_layout else 2)]
+    if loose:
+        raise Exit(f"{len(loose)} image(s) in {root} outside any class folder (e.g. {loose[0]}); "
+                   "put each image in a folder named after its class")
+    if split_layout:  # a split folder without images would be silently replaced
+        empty = [d.name for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLIT_DIRS
+                 and d.name not in tops]
+        if empty:
+            raise Exit(f"{root / empty[0]} holds no images; add images to it or remove it")
+    have = {p[:2 if split_layout else 1] for p in found}  # class folders that hold no images
+    bare = [str(d.relative_to(root)) for parent in sorted({root / p[0] for p in found}
+                                                          if split_layout else [root])
+            for d in sorted(parent.iterdir()) if d.is_dir() and not d.name.startswith((".", "__"))
+            and d.relative_to(root).parts not in have]
+    if bare:
+        left_out.append(f"skipped {listing(bare)}: no images, so not classes")
+    return found, left_out
+
 def load_source(cfg: Config, hub: str | None):
     """A Dataset or DatasetDict for --dataset and a line about it, or a one-line Exit."""
     if cfg.dataset == "digits":
@@ -1004,14 +1061,16 @@ def load_source(cfg: Config, hub: str | None):
     if path.is_dir() and not saved and (folder := image_folder(path)) is not None:
         return folder
     if path.is_dir():
-        tables = sorted(f.name for f in path.iterdir() if f.suffix.lower() in LABEL_FILES
-                        and not f.name.startswith("metadata."))
+        tables = sorted((f.name for f in path.iterdir() if f.suffix.lower() in LABEL_FILES
+                         and not f.name.startswith("metadata.")),  # Kaggle's labels first
+                        key=lambda n: ("submission" in n.lower() or "test" in n.lower(), n))
         if tables and any(f.suffix.lower() in image_extensions() for f in path.rglob("*")):
             raise Exit(f"--dataset {path} holds images and {listing(tables)}: to take the labels "
-                       f"from a file, pass the file: --dataset {path / tables[0]}")
+                       f"from a file, pass the file: --dataset {path / tables[0]}; to take them "
+                       f"from class folders, move {listing(tables)} out of {path}")
         try:  # a save_to_disk directory, or a Hub download (dataset card + data files)
             return (datasets.load_from_disk(str(path)) if saved
-                    else datasets.load_dataset(str(path))), ""
+                    else datasets.load_dataset(str(path), cfg.dataset_config)), ""
         except Exception as e:  # an empty split, a damaged file, ...
             raise Exit(f"cannot load {cfg.dataset}: {load_error(e)}") from None
     if hub is None:
@@ -1035,6 +1094,12 @@ def load_source(cfg: Config, hub: str | None):
         source, note = load_source(dataclasses.replace(cfg, dataset=folder), None)
         return source, f"note: reading the Hub cache's copy {folder}\n{note}".strip()
 
+def local_path(dataset: str) -> str:
+    """A --dataset that names a local file or folder as its real path; else (digits, a Hub id) as
+    it is: how --eval_only tells the weights' own data, however it is spelled."""
+    path = Path(dataset).expanduser()
+    return str(path.resolve()) if dataset != "digits" and path.exists() else dataset
+
 def load_error(e: Exception) -> str:
     """datasets' error, or what it means where it says it badly."""
     sizes = re.findall(r"name='([^']*)', num_bytes=\d+, num_examples=(\d+)", str(e))
@@ -1053,15 +1118,16 @@ def label_file(path: Path, cfg: Config):
                                       **({"sep": "\t"} if path.suffix.lower() == ".tsv" else {}))
     except Exception as e:
         raise Exit(f"cannot read --dataset {path}: {load_error(e)}") from None
-    folder, found = path.parent.resolve(), {}
+    folder, found = path.parent.resolve(), {}  # a name or a stem: the files it names
     for f in sorted(folder.rglob("*")):
         if f.suffix.lower() in image_extensions():
             for key in (f.name, f.stem):
-                found[key] = str(f) if key not in found else None  # None: ambiguous
+                found.setdefault(key, []).append(f)
     columns = [cfg.image_column] if cfg.image_column else list(table.features)
     for col in columns:
         values = [str(v) for v in table[col]] if col in table.features else []
-        paths = [str(folder / v) if (folder / v).is_file() else found.get(v) for v in values]
+        named = [[folder / v] if (folder / v).is_file() else found.get(v, []) for v in values]
+        paths = [str(files[0]) if files else None for files in named]
         if len(paths) > 2 * paths.count(None):
             break
     else:
@@ -1070,6 +1136,10 @@ def label_file(path: Path, cfg: Config):
     if None in paths:
         raise Exit(f"--dataset {path}: {paths.count(None)} of {len(paths)} rows name no image "
                    f"file (e.g. '{values[paths.index(None)]}' in column '{col}', under {folder})")
+    if twice := next(((v, files) for v, files in zip(values, named) if len(files) > 1), None):
+        raise Exit(f"--dataset {path}: '{twice[0]}' in column '{col}' names "
+                   f"{listing(f.relative_to(folder) for f in twice[1])}: write the paths relative "
+                   f"to {folder}")
     labels = [n for n in table.features if n != col]
     label_col = cfg.label_column or (labels[0] if len(labels) == 1 else "label")
     if label_col not in labels:
@@ -1153,10 +1223,18 @@ def part_of(s: Splits, meta: dict, train: bool) -> tuple | None:
         return None
     return s.source_train, s.rows[0 if train else 1]
 
-def label_counts(labels, classes: int):
-    if len(labels) and labels.min() < 0:
-        raise Exit(f"{int((labels < 0).sum())} images have no label (-1); use labelled data")
+def label_counts(labels, classes: int, where: str):
+    check_labels(labels, where)
     return np.bincount(labels, minlength=classes)
+
+def check_labels(labels, where: str) -> None:
+    """A label of -1 (datasets' "none") or an empty cell is refused."""
+    missing = sum(v is None or v != v or type(v) is int and v < 0 for v in labels.tolist())
+    if missing:
+        raise Exit(f"{missing} of {len(labels)} images have no label (-1 or empty) in {where}; "
+                   "use labelled data"
+                   + (" (--split picks another split, --predict is for unlabelled images)"
+                      if missing == len(labels) else ""))
 
 def load_splits(cfg: Config, hub: str | None) -> Splits:
     """Train and validation splits, images undecoded, ClassLabels that mean the same in both."""
@@ -1183,16 +1261,22 @@ def load_splits(cfg: Config, hub: str | None) -> Splits:
         both = both.class_encode_column(label_col)  # one mapping for every split
         train, val = both["train"], both.get("val")
     classes = train.features[label_col]
+    if classes.num_classes < 2:  # an image folder says so itself
+        raise Exit(f"--dataset {cfg.dataset} has {classes.num_classes} class "
+                   f"({listing(classes.names)}) in column '{label_col}'; a classifier needs two or "
+                   "more: is it the right column, the right file?")
     if val is not None:
         val = align_classes(val, label_col, classes.names, "the training classes")
     train = train.cast_column(image_col, datasets.Image(decode=False))
     labels = labels_of(train, label_col)  # read once: counted, then stratified
-    source_train, seen, rows = train, label_counts(labels, classes.num_classes), None
+    source_train, seen, rows = train, label_counts(
+        labels, classes.num_classes, f"{cfg.dataset} ({train_name})"), None
     if val is None:
         rows = hold_out(labels, classes, cfg.val_fraction, cfg.seed)
         train, val = train.select(rows[0]), train.select(rows[1])
     else:  # a class that only the validation data has cannot be learned: say so
-        asked = label_counts(labels_of(val, label_col), classes.num_classes)
+        asked = label_counts(labels_of(val, label_col), classes.num_classes,
+                             f"{cfg.dataset} ({val_name})")
         if orphans := [f"'{classes.names[i]}' ({asked[i]} images)"
                        for i in range(classes.num_classes) if asked[i] and not seen[i]]:
             raise Exit(f"validation class {listing(orphans)} has no training images; add "
@@ -1476,8 +1560,8 @@ def build_data(run: Run) -> Data:
     val = make_loader(run, Source(s.val, s.image_col, s.label_col, parts[1]), meta, mode, batch,
                       None)
     meta["data"] = {k: getattr(run.cfg, k) for k in (
-        "dataset", "dataset_config", "revision", "image_column", "label_column", "val_fraction",
-        "seed")}
+        "dataset_config", "revision", "image_column", "label_column", "val_fraction", "seed")}
+    meta["data"]["dataset"] = local_path(cfg.dataset)  # found again from any directory
     return Data(train, val, sampler, meta, (len(s.train), len(s.val)), s.val)
 
 def preprocessing(cfg: Config, s: Splits, sizes: list, colour: int) -> tuple[dict, dict, str]:
@@ -1541,7 +1625,7 @@ def load_eval_split(run: Run, meta: dict):
     """--eval_only: the split, its columns, what it is, and part_of. The weights' own data: their
     validation split (held out again with their seed); else --split, a validation split or all."""
     cfg, given, own = run.asked, run.given, meta["data"]
-    if "dataset" not in given or cfg.dataset == own["dataset"]:  # its data flags, unless given
+    if "dataset" not in given or local_path(cfg.dataset) == local_path(own["dataset"]):
         cfg = dataclasses.replace(cfg, **{k: v for k, v in own.items() if k not in given})
         if "split" not in given:
             s = load_splits(cfg, run.hub)
@@ -1562,6 +1646,7 @@ def load_eval_split(run: Run, meta: dict):
     if len(split) == 0:
         raise Exit(f"{what} of {cfg.dataset} is empty")
     image_col, label_col, _ = find_columns(split, cfg.image_column, cfg.label_column)
+    check_labels(labels_of(split, label_col), f"{cfg.dataset} ({what})")
     split = align_classes(split, label_col, meta["class_names"], "the model's classes")
     return (split.cast_column(image_col, datasets.Image(decode=False)), image_col, label_col,
             f"{what} of {cfg.dataset}", None)
@@ -1810,7 +1895,7 @@ def prepare_run_dir(run: Run) -> tuple[Path | None, object]:
     resume = Path(answer[0])
     run.saved = read_json(resume / "loop_state.json")  # verified by the main process
     saved = run.saved["identity"]
-    diff = [k for k in identity if k in saved and saved[k] != identity[k]]  # older: fewer
+    diff = [k for k in identity if k in saved and not same(k, saved[k], identity[k])]
     if diff:
         raise Exit(f"checkpoint {resume} belongs to a different run: " + "; ".join(
             f"{k} was {saved[k]!r}, now {identity[k]!r}" for k in diff)
@@ -1827,9 +1912,9 @@ def clear_run_dir(run: Run) -> None:
     except (OSError, ValueError, TypeError, AttributeError):
         old = {}  # none or unreadable: not this run's
     other = [f for f in RUN_FILES if (run_dir / f).exists()]
-    same = old and all(old.get(k, v) == v for k, v in run.identity.items())  # older: fewer keys
+    same_run = old and all(same(k, old.get(k, v), v) for k, v in run.identity.items())
     finished = "results.json" in other or "model.safetensors" in other
-    if other and not run.cfg.overwrite and (finished or not same or checkpoints(run_dir)):
+    if other and not run.cfg.overwrite and (finished or not same_run or checkpoints(run_dir)):
         already_holds(run_dir, f"another run ({', '.join(other)})")
     run.accelerator.wait_for_everyone()  # everyone has looked before anything is removed
     if run.accelerator.is_main_process:
@@ -1853,8 +1938,14 @@ def run_identity(run: Run) -> dict:
             "channels": meta["channels"], "batch_size": cfg.batch_size,
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
             "num_processes": run.accelerator.num_processes, "num_classes": meta["num_classes"],
-            "train_count": run.data.counts[0],
+            "train_count": run.data.counts[0], "optimizer": cfg.optimizer,
+            "freeze_backbone": cfg.freeze_backbone,  # the optimizer's state and its groups
             "streaming": cfg.streaming and cfg.shuffle_window}  # the order of a streamed epoch
+
+def same(key: str, before, now) -> bool:
+    """An identity's value as before: older identities have fewer keys; a folder, any spelling."""
+    return before == now or key == "dataset" and isinstance(before, str) and local_path(
+        before) == local_path(now)
 
 def resolve_run_dir(cfg: Config, suffix: str) -> tuple[Path, bool]:
     """--output_dir, or a new runs/<date>-<time>-<suffix>[-N] made here (mkdir is atomic, so
@@ -1904,8 +1995,13 @@ class MetricsLog:
 
 def save_tensors(state: dict, path: Path, metadata: dict | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
-                                str(tmp), metadata=metadata)
+    try:
+        safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                                    str(tmp), metadata=metadata)
+    except Exception as e:  # SafetensorError: "I/O error: No space left on device (os error 28)"
+        if found := re.search(r"os error (\d+)", str(e)):
+            raise OSError(int(found[1]), os.strerror(int(found[1])), str(tmp)) from e
+        raise
     follow_umask(tmp)
     os.replace(tmp, path)
 
@@ -2151,15 +2247,16 @@ class Exit(Exception):
         super().__init__(message)
         self.code = code
 
-def exit_code(error: BaseException, stop: StopFlag, run_dir: Path | None) -> int:
+def exit_code(error: BaseException, stop: StopFlag, run_dir: Path | None, made: bool) -> int:
     """main()'s one handler: the line each expected way of ending prints, and its exit code."""
     if isinstance(error, KeyboardInterrupt) and stop.signal is not None:
         error = Exit(f"stopped by {stop.signal} before training started: nothing to save; exit "
                      f"{EXIT_PREEMPTED}, the same command resumes", EXIT_PREEMPTED)
     elif isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         error = Exit(f"{error.strerror} (writing {error.filename or run_dir}): free some space "
-                     "and run the same command (it resumes from the newest complete checkpoint, "
-                     "if there is one)", EXIT_FAILED)
+                     "and run the same command" + (f" with --output_dir {run_dir}" if made else "")
+                     + " (it resumes from the newest complete checkpoint, if there is one)",
+                     EXIT_FAILED)
     elif isinstance(error, MemoryError) or isinstance(error, RuntimeError) and "alloc" in str(
             error):  # torch.OutOfMemoryError is a RuntimeError
         error = Exit(f"out of memory ({first_line(error)}); lower --batch_size or --image_size",
@@ -2324,8 +2421,8 @@ class Shards:
             image, label = self.tar_row(path, self.cache[shard, g][offset])
         else:
             image, label = (column[offset] for column in self.cache[shard, g])
-        if isinstance(label, str):
-            label = self.names.index(label) if label in self.names else -1
+        if isinstance(label, str) and label in self.names:
+            label = self.names.index(label)
         if not image or type(label) is not int or not 0 <= label < len(self.names):
             raise Exit(f"{where}: " + ("no image" if not image else
                        f"label {label!r} is not one of the {len(self.names)} classes"))
@@ -2455,7 +2552,10 @@ def stream_splits(cfg: Config, hub: str | None) -> Splits:
     elif isinstance(feature, datasets.ClassLabel):
         names = feature.names
     elif label_col == "cls":  # tar: every label was read with the headers
-        names = [str(i) for i in range(max(train.top, val.top) + 1)]
+        if val.top > train.top:
+            raise Exit(f"validation class {val.top} (.cls) has no training examples (their "
+                       f"largest is {train.top}); add training examples for it, or --classes FILE")
+        names = [str(i) for i in range(train.top + 1)]
         note += f"\nnote: classes 0-{len(names) - 1} from the .cls labels (--classes names them)"
     else:
         raise Exit(f"--label_column {label_col} holds {describe(feature)} without class names: "
