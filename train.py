@@ -1227,10 +1227,14 @@ def label_counts(labels, classes: int, where: str):
     check_labels(labels, where)
     return np.bincount(labels, minlength=classes)
 
+def unlabelled(labels) -> int:
+    """How many labels are -1 (datasets' "none") or empty cells (None, NaN)."""
+    if labels.dtype.kind in "iu":
+        return int((labels < 0).sum())
+    return sum(v is None or v != v or type(v) is int and v < 0 for v in labels.tolist())
+
 def check_labels(labels, where: str) -> None:
-    """A label of -1 (datasets' "none") or an empty cell is refused."""
-    missing = sum(v is None or v != v or type(v) is int and v < 0 for v in labels.tolist())
-    if missing:
+    if missing := unlabelled(labels):
         raise Exit(f"{missing} of {len(labels)} images have no label (-1 or empty) in {where}; "
                    "use labelled data"
                    + (" (--split picks another split, --predict is for unlabelled images)"
@@ -1248,7 +1252,7 @@ def load_splits(cfg: Config, hub: str | None) -> Splits:
         train, val = source[train_name], source.get(val_name)
     image_col, label_col, note = find_columns(train, cfg.image_column, cfg.label_column)
     if val is not None and isinstance(val.features.get(label_col), datasets.ClassLabel) and (
-            len(val) and (labels_of(val, label_col) < 0).all()):  # as Hub test splits often are
+            len(val) and unlabelled(labels_of(val, label_col)) == len(val)):  # Hub test splits
         note += (f'\nnote: split "{val_name}" has no labels (all -1): not used for validation; '
                  f'--val_fraction {cfg.val_fraction} of "{train_name}" held out instead')
         val = None
