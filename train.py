@@ -51,7 +51,7 @@ T_START = time.perf_counter()  # the process's start, for its printed whole-proc
 import argparse, bisect, contextlib, csv, dataclasses, datetime, difflib, errno, fcntl, fnmatch
 import functools, hashlib, inspect, io, itertools, json, math, multiprocessing, os, random, re
 import resource, shutil, socket, stat, sys, tarfile, threading, traceback, types, urllib.parse
-import weakref
+import warnings, weakref
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -1517,10 +1517,11 @@ def pick_mode(run: Run, splits: list[tuple], meta: dict, image_col: str, label_c
                                 train): decoded_gb(part[0] if part else split, meta, train)
                    for split, train, part in splits}  # both splits may share one
         need = 1e9 * sum(gb for f, gb in folders.items() if not (f / "cache.json").exists())
-        free = shutil.disk_usage(next(p for p in [root, *root.parents] if p.exists())).free
+        there = next(p for p in [root, *root.parents] if p.exists())
+        free = shutil.disk_usage(there).free if os.access(there, os.W_OK) else 0  # read-only
         mode = "cache" if with_slack(need) <= free else "stream"
         why += (f"; cache {root}: {size_text(need)} to build, {size_text(free)} free"
-                if need else f"; cache {root}: built")
+                + ("" if free else " (read-only)") if need else f"; cache {root}: built")
     print0(run.accelerator, f"data: {mode} mode ({why})")
     return mode
 
@@ -2328,6 +2329,8 @@ def import_libraries() -> None:
     from tqdm.auto import tqdm
     if not sys.stderr.isatty():
         datasets.disable_progress_bars()  # they flood log files (Slurm, CI)
+    # Accelerate's two-line warning where it sets the threads; make_accelerator settles them
+    warnings.filterwarnings("ignore", "OMP_NUM_THREADS/MKL_NUM_THREADS unset")
     short_socket_dir()
 
 def use_cpu(cfg: Config) -> bool:
@@ -2368,6 +2371,12 @@ def make_accelerator(cfg: Config, cpu: bool, run_dir: Path):
     cores, local = cpu_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     on_cpu, asked = accelerator.device.type == "cpu", launcher_processes()
     threads = cfg.threads or (launcher_threads(local) if on_cpu else 0)
+    # Where OMP_NUM_THREADS is unset (srun), Accelerate takes the machine's physical cores per
+    # local process: more than this process may use when Slurm binds it to a few.
+    fair = cores if cores < (os.cpu_count() or 1) else max(1, cores // local)  # bound: its own
+    chosen = torch.get_num_threads()
+    crowded = on_cpu and not threads and "OMP_NUM_THREADS" not in os.environ and chosen > fair
+    threads = fair if crowded else threads
     for shown, line in [
         (cpu and cfg.mixed_precision is None and launcher != "no", f"note: the launcher asks for "
          f"{launcher}; on the CPU this run trains in fp32 (--mixed_precision bf16 insists)"),
@@ -2378,8 +2387,10 @@ def make_accelerator(cfg: Config, cpu: bool, run_dir: Path):
          "processes and started 1 (without GPUs accelerate launch needs --multi_gpu for more): "
          f"use `accelerate launch --multi_gpu --num_processes {asked} train.py` or "
          f"`torchrun --nproc_per_node {asked} train.py`"),
-        (threads and not cfg.threads, f"note: the launcher set OMP_NUM_THREADS=1: {threads} "
-         f"threads per process instead ({cores} cores, {local} local "
+        (crowded, f"note: {fair} thread{'s' * (fair > 1)} per process, not the {chosen} Accelerate chose from the "
+         f"machine's cores: this process may use {cores}; --threads or OMP_NUM_THREADS sets it"),
+        (threads and not (cfg.threads or crowded), f"note: the launcher set OMP_NUM_THREADS=1: "
+         f"{threads} threads per process instead ({cores} cores, {local} local "
          f"process{'es' * (local > 1)}); --threads or OMP_NUM_THREADS sets it"),
         (cfg.threads > cores, f"note: --threads {cfg.threads} capped at {cores} (CPU cores)")]:
         if shown:
@@ -2743,15 +2754,20 @@ def cached(root: Path, source: Source, meta: dict, train: bool):
     folder = cache_folder(root, source.split, source.image_col, source.label_col, meta, train)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        lock = take_lock(root / f"{folder.name}.lock", wait=True)
-    except OSError as e:
-        raise Exit(f"cannot write to --cache_dir {root}: {e.strerror}") from None
+        lock, read_only = take_lock(root / f"{folder.name}.lock", wait=True), None
+    except OSError as e:  # read-only (a colleague's, a mounted copy): a complete one is read
+        lock, read_only = None, e
     with lock or contextlib.nullcontext():  # closing the file lets the lock go
         data, damage = open_cache(folder, source, meta, train) if folder.exists() else (None, "")
         if data is not None:
             if int(os.environ.get("LOCAL_RANK", 0)) == 0:
                 print(f"cache: reusing {folder} ({len(data)} images)", flush=True)
             return data
+        if read_only:
+            raise Exit(f"cannot write to --cache_dir {root} ({read_only.strerror}: "
+                       f"{read_only.filename or root}) and no complete cache of this data is "
+                       "there: pass --cache_dir on a writable disk, or --data_mode memory or "
+                       "stream")
         if damage:
             print(f"note: the decoded cache {folder} is {damage}: building it again", flush=True)
             shutil.rmtree(folder)

@@ -33,6 +33,10 @@ launch() {
        "$SLURM_NTASKS task(s) on $SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT," \
        "run directory $(run_dir_of "$run_dir" "$@")"
 
+  # Since Slurm 22.05 srun no longer inherits sbatch's --cpus-per-task: without this, each
+  # task is bound to one CPU where the site binds tasks (loader workers then get none).
+  if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
+
   # One process per task; ranks come from Slurm, the GPU from LOCAL_RANK (Accelerate).
   # Not --kill-on-bad-exit: ranks leaving with 75 a moment apart would kill each other (the
   # step then ends 143, not 75). --wait ends the others 2 min after the first exits instead.
