@@ -2387,8 +2387,9 @@ def make_accelerator(cfg: Config, cpu: bool, run_dir: Path):
          "processes and started 1 (without GPUs accelerate launch needs --multi_gpu for more): "
          f"use `accelerate launch --multi_gpu --num_processes {asked} train.py` or "
          f"`torchrun --nproc_per_node {asked} train.py`"),
-        (crowded, f"note: {fair} thread{'s' * (fair > 1)} per process, not the {chosen} Accelerate chose from the "
-         f"machine's cores: this process may use {cores}; --threads or OMP_NUM_THREADS sets it"),
+        (crowded, f"note: {fair} thread{'s' * (fair > 1)} per process, not the {chosen} "
+         f"Accelerate chose from the machine's cores: this process may use {cores}; --threads "
+         "or OMP_NUM_THREADS sets it"),
         (threads and not (cfg.threads or crowded), f"note: the launcher set OMP_NUM_THREADS=1: "
          f"{threads} threads per process instead ({cores} cores, {local} local "
          f"process{'es' * (local > 1)}); --threads or OMP_NUM_THREADS sets it"),
