@@ -209,6 +209,10 @@ class Run:
     def __post_init__(self):
         self.cfg = self.cfg or self.asked
 
+    def bare(self):
+        """The model without Accelerate's wrappers and torch.compile's (`_orig_mod.` names)."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
 def train(run: Run) -> None:
     """The explicit loop, to the end of the last epoch (or Exit 75 after a stop's checkpoint)."""
     cfg, accelerator, state, model = run.cfg, run.accelerator, run.state, run.model
@@ -281,7 +285,7 @@ def after_step(run: Run, bar, clock: dict, total: int, stopping: bool) -> None:
     cfg, state = run.cfg, run.state
     clock["log_steps"] += 1
     if run.ema is not None:
-        run.ema.update_parameters(run.accelerator.unwrap_model(run.model))
+        run.ema.update_parameters(run.bare())
     end_of_epoch = state.batch == len(run.data.train)
     every = min(cfg.log_every, max(1, total // cfg.epochs // 4))  # >= 4 points per epoch
     if cfg.log_every and state.step % every == 0 and not end_of_epoch and state.epoch_sums[2]:
@@ -373,8 +377,7 @@ def evaluate_epoch(run: Run) -> None:
     if metrics["val_acc"] > state.best_val_acc:  # the model's, not the EMA's
         state.best_val_acc, state.best_epoch = metrics["val_acc"], state.epoch
         if acc.is_main_process:
-            save_weights(acc.unwrap_model(run.model), run.dir / "model_best.safetensors",
-                         data.meta)
+            save_weights(run.bare(), run.dir / "model_best.safetensors", data.meta)
     run.log("eval", state.step, state.epoch, **{k: v for k, v in metrics.items()  # scalars
                                                   if isinstance(v, (int, float))})
     rate = metrics["images_per_s"]
@@ -403,7 +406,7 @@ def training(run: Run) -> None:
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         run.model, run.optimizer = acc.prepare(model, make_optimizer(run.cfg, model))
-        run.ema = make_ema(run.cfg, acc.unwrap_model(run.model))
+        run.ema = make_ema(run.cfg, run.bare())
         if resume is not None:
             load_checkpoint(run, resume)
         write_config(run, resume)
@@ -458,7 +461,7 @@ def write_results(run: Run, startup: float, resume: Path | None) -> None:
     confused = mistakes(run, run.worst, state.last_metrics.get("val_confusion_matrix"),
                         run.data.val_split, run.data.meta["class_names"])
     if acc.is_main_process:
-        save_weights(acc.unwrap_model(run.model), run.dir / "model.safetensors", run.data.meta)
+        save_weights(run.bare(), run.dir / "model.safetensors", run.data.meta)
         if run.ema is not None:
             save_weights(run.ema.module, run.dir / "model_ema.safetensors", run.data.meta)
         draw_pictures(run)
@@ -719,7 +722,9 @@ def build_model(meta: dict, batch_size: int = 2, probe: bool = True):
         return cnn(meta["channels"], classes, min(meta["image_size"]))
     check_model_name(name)
     # Auxiliary heads would make the training forward return a tuple instead of logits.
-    extra = {"aux_logits": False} if name in ("googlenet", "inception_v3") else {}
+    # torchvision's builders turn on transform_input (ImageNet stats to [-1, 1]) with weights
+    extra = {"aux_logits": False, "transform_input": meta.get("transform_input", False)} \
+        if name in ("googlenet", "inception_v3") else {}
     model = torchvision.models.get_model(name, weights=None, num_classes=classes, **extra)
     if not probe:
         return model
@@ -740,8 +745,10 @@ def build_model(meta: dict, batch_size: int = 2, probe: bool = True):
     return model.train()
 
 def head_names(model) -> set[str]:
-    """The classifier head: the last linear layer (resnet's fc, vit's heads.head, ...)."""
-    last = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    """The classifier head: the last linear layer (resnet's fc, vit's heads.head, ...), or the last
+    convolution where there is none (squeezenet's classifier.1)."""
+    last = ([name for name, m in model.named_modules() if isinstance(m, nn.Linear)] or
+            [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)])[-1]
     return {f"{last}.{p}" for p, _ in model.get_submodule(last).named_parameters()}
 
 def make_optimizer(cfg: Config, model):
@@ -819,11 +826,21 @@ def load_start(cfg: Config, model, start: tuple[dict, str]) -> str:
     """Load the tensors that fit the model; the rest (a head of another class count) stay new."""
     state, source = start
     own = model.state_dict()
-    fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    for prefix in ("", "module.", "_orig_mod.", "model."):  # DDP's, torch.compile's, Lightning's
+        named = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        fits = {k: v for k, v in named.items() if k in own and own[k].shape == v.shape}
+        if len(fits) >= len(own) / 2:
+            break
     new = [k for k in own if k not in fits]
     if len(fits) < len(own) / 2:
-        raise Exit(f"{source}: only {len(fits)} of {len(own)} tensors fit --model {cfg.model}: "
-                   "weights of another architecture?")
+        raise Exit(f"{source}: only {len(fits)} of {len(own)} tensors fit --model {cfg.model} "
+                   "(also without a module., _orig_mod. or model. prefix): weights of another "
+                   "architecture?")
+    if cfg.freeze_backbone and (random := [k for k in new if k not in head_names(model)
+                                           and not k.endswith("num_batches_tracked")]):
+        raise Exit(f"--freeze_backbone would keep {listing(random, 4)} as initialized: "
+                   f"{source} has no tensor of that shape for them; drop --freeze_backbone to "
+                   "train them, or start from weights that have them")
     model.load_state_dict(fits, strict=False)
     return (f"start: {len(fits)} of {len(own)} tensors from {source}"
             + (f"; new: {listing(new, 4)}" if new else "")
@@ -1593,7 +1610,9 @@ def preprocessing(cfg: Config, s: Splits, sizes: list, colour: int) -> tuple[dic
     meta = {**props, **(stats or {"mean": [0.5] * c, "std": [0.5] * c}),
             "class_names": s.class_names, "num_classes": len(s.class_names), "model": cfg.model,
             "crop_padding": padding, "recipe": recipe, "crop_scale": cfg.crop_scale,
-            "crop_ratio": cfg.crop_ratio, "crop_fraction": fraction}
+            "crop_ratio": cfg.crop_ratio, "crop_fraction": fraction,
+            **({"transform_input": True} if stats and cfg.model in ("googlenet", "inception_v3")
+               else {})}
     return resolved, meta, note
 
 def batch_size(cfg: Config, train_count: int, processes: int, lr_given: bool = False
@@ -1623,8 +1642,8 @@ def batch_size(cfg: Config, train_count: int, processes: int, lr_given: bool = F
     split = f", a global batch of {batch * processes}" if processes > 1 else ""
     return batch, "" if batch == 64 else (
         f"note: batch size {batch} per process (auto{split}): {per_process} training images per "
-        f"process make {per_process // batch // accum} steps per epoch; --batch_size sets it per "
-        "process")
+        f"process make {-(-(per_process // batch) // accum)} steps per epoch; --batch_size sets "
+        "it per process")
 
 def load_eval_split(run: Run, meta: dict):
     """--eval_only: the split, its columns, what it is, and part_of. The weights' own data: their
@@ -3072,8 +3091,9 @@ def exit_now(code: int) -> None:
     for child in multiprocessing.active_children():  # loader workers left by an error
         child.kill()
         child.join()
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
+    for thread in threading.enumerate():  # not idle pool workers (inductor's): they never end
+        if thread is not threading.current_thread() and not thread.daemon and not \
+                thread.name.startswith("ThreadPoolExecutor"):
             thread.join()
     atexit._run_exitfuncs()
     with contextlib.suppress(OSError, ValueError):  # a reader that has gone away

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train
-from conftest import assert_same_weights, results, run_cli, run_main
+from conftest import assert_same_weights, results, run_cli, run_main, weights
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -67,6 +67,9 @@ def test_speed_knobs_run_on_cpu(tmp_path, flags):
     config = json.loads((tmp_path / "config.json").read_text())
     if "bf16" in flags:
         assert config["mixed_precision"] == "bf16"
+    # the weights load as they are written: --compile saved `_orig_mod.` names before
+    assert not [k for k in weights(tmp_path) if "_orig_mod" in k]
+    assert run_main("--eval_only", "--weights", tmp_path, "--output_dir", tmp_path / "e") == 0
 
 
 def test_throughput_and_memory_are_reported(tmp_path):

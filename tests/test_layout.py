@@ -12,7 +12,7 @@ SOURCE = (ROOT / "train.py").read_text()
 TREE = ast.parse(SOURCE)
 SECTIONS = ["settings", "the run", "evaluation", "model", "data", "run directory",
             "flags, signals", "libraries", "streamed shards", "decoded cache", "workarounds"]
-MAX_LINES = 3100          # grows by at most what a fix or a feature needs
+MAX_LINES = 3120          # grows by at most what a fix or a feature needs
 MAX_FUNCTION_LINES = 60
 MAX_PARAMETERS = 6
 UPDATE_STEP_BY = 300      # the line of accelerator.backward(
